@@ -1,0 +1,1 @@
+"""Quantization: fake-quant primitives, layer wrapping, reconstruction."""

@@ -1,0 +1,238 @@
+"""Uniform asymmetric fake quantization, AdaRound weights, LSQ activations, MSE range search.
+
+Math functions take tensors and return tensors; the modules hold the state one quantizer
+needs (scale, zero point, rounding variables) and a mode that says how to apply it.
+Conventions: unsigned integer grid ``[0, 2^b - 1]``; ``x_hat = (clamp(round(x/s) + z) - z) * s``.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import Enum
+
+import torch
+from torch import Tensor, nn
+
+# AdaRound's rectified sigmoid stretch (Nagel et al. 2020).
+ZETA, GAMMA = 1.1, -0.1
+EPS = 1e-8
+
+
+def qrange(bits: int) -> tuple[int, int]:
+    return 0, 2**bits - 1
+
+
+def round_ste(x: Tensor) -> Tensor:
+    """Round in the forward pass, identity gradient in the backward pass."""
+    return (x.round() - x).detach() + x
+
+
+def grad_scale(t: Tensor, g: float) -> Tensor:
+    """Value of ``t``, gradient multiplied by ``g`` (LSQ's step-size gradient scaling)."""
+    return (t - t * g).detach() + t * g
+
+
+def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Quantize-dequantize with a straight-through rounding; scale/zero point broadcast."""
+    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def quantize_int(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Integer codes (as float) of nearest rounding, no gradient path."""
+    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
+
+
+def qparams(lo: Tensor, hi: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
+    """Scale and integer zero point of a range, widened to contain 0 (so 0 is exact)."""
+    lo = torch.minimum(lo, torch.zeros_like(lo))
+    hi = torch.maximum(hi, torch.zeros_like(hi))
+    scale = torch.clamp((hi - lo) / float(qmax - qmin), min=EPS)
+    zp = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
+    return scale, zp
+
+
+def _lp(xq: Tensor, x: Tensor, p: float) -> Tensor:
+    return (xq - x).abs().pow(p).mean(dim=-1)
+
+
+def _subsample(rows: Tensor, max_samples: int) -> Tensor:
+    """Evenly spaced order statistics of each row: keeps the distribution's shape and extremes."""
+    if max_samples <= 0 or rows.shape[1] <= max_samples:
+        return rows
+    idx = torch.linspace(0, rows.shape[1] - 1, max_samples, device=rows.device).round().long()
+    return rows.sort(dim=1).values[:, idx]
+
+
+def mse_range(
+    rows: Tensor,
+    bits: int,
+    p: float = 2.4,
+    candidates: int = 100,
+    zero_points: int = 32,
+    max_samples: int = 4096,
+) -> tuple[Tensor, Tensor]:
+    """Per-row (lo, hi) minimizing the Lp quantization error (QDrop's MSE observer).
+
+    One-sided data (all >= 0 or all <= 0): 1-D search over ``candidates`` thresholds.
+    Two-sided: 2-D search, range ``r_i = (max - min) * i / candidates`` times a grid of zero
+    points. The winner is finally compared on the full rows with plain min-max, so the
+    search is never worse than min-max even though it scores on a subsample.
+    """
+    rows = rows.detach().float()
+    qmin, qmax = qrange(bits)
+    x = _subsample(rows, max_samples)
+    xmin, xmax = rows.min(dim=1).values, rows.max(dim=1).values
+    best = torch.full_like(xmin, float("inf"))
+    best_lo, best_hi = xmin.clone(), xmax.clone()
+    one_sided = bool((rows >= 0).all() or (rows <= 0).all())
+    levels = float(qmax - qmin)
+    if one_sided:
+        pos = bool((rows >= 0).all())
+        xr = torch.maximum(xmin.abs(), xmax)
+        for i in range(1, candidates + 1):
+            t = xr * i / candidates
+            lo, hi = (torch.zeros_like(t), t) if pos else (-t, torch.zeros_like(t))
+            s, z = qparams(lo, hi, qmin, qmax)
+            err = _lp(quantize_dq(x, s[:, None], z[:, None], qmin, qmax), x, p)
+            better = err < best
+            best, best_lo, best_hi = torch.where(better, err, best), torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+    else:
+        xr = torch.maximum(xmax, torch.zeros_like(xmax)) - torch.minimum(xmin, torch.zeros_like(xmin))
+        n_zp = qmax - qmin + 1 if zero_points <= 0 else min(zero_points, qmax - qmin + 1)
+        zps = torch.linspace(qmin, qmax, n_zp, device=rows.device).round().unique()
+        for i in range(1, candidates + 1):
+            delta = torch.clamp(xr * i / candidates / levels, min=EPS)  # (R,)
+            # Also try the zero point that centres this range on the data's own min.
+            natural = torch.clamp(qmin - torch.round(xmin / delta), qmin, qmax)
+            z = torch.cat([zps.expand(len(delta), -1), natural[:, None]], dim=1)  # (R, Z)
+            s = delta[:, None]
+            xq = quantize_dq(x[:, None, :], s[:, :, None], z[:, :, None], qmin, qmax)
+            err = _lp(xq, x[:, None, :], p)  # (R, Z)
+            e, j = err.min(dim=1)
+            zbest = z.gather(1, j[:, None])[:, 0]
+            lo, hi = -zbest * delta, (levels - zbest) * delta
+            better = e < best
+            best, best_lo, best_hi = torch.where(better, e, best), torch.where(better, lo, best_lo), torch.where(better, hi, best_hi)
+    # Exact final check against min-max on the full rows.
+    s_b, z_b = qparams(best_lo, best_hi, qmin, qmax)
+    s_m, z_m = qparams(xmin, xmax, qmin, qmax)
+    e_b = _lp(quantize_dq(rows, s_b[:, None], z_b[:, None], qmin, qmax), rows, p)
+    e_m = _lp(quantize_dq(rows, s_m[:, None], z_m[:, None], qmin, qmax), rows, p)
+    keep = e_b <= e_m
+    return torch.where(keep, best_lo, xmin), torch.where(keep, best_hi, xmax)
+
+
+def quantize_dq(x: Tensor, scale: Tensor, zp: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Nearest-rounding quantize-dequantize without autograd tricks (for searches)."""
+    return (quantize_int(x, scale, zp, qmin, qmax) - zp) * scale
+
+
+class RoundMode(str, Enum):
+    NEAREST = "nearest"  # fake-quant with round-to-nearest (range init, baselines)
+    SOFT = "soft"  # AdaRound's continuous relaxation, during reconstruction
+    HARD = "hard"  # AdaRound decisions fixed: floor + (alpha >= 0)
+
+
+class WeightQuantizer(nn.Module):
+    """Per-output-channel asymmetric weight quantizer with AdaRound rounding variables."""
+
+    def __init__(self, weight: Tensor, bits: int) -> None:
+        super().__init__()
+        self.bits = bits
+        self.qmin, self.qmax = qrange(bits)
+        shape = (weight.shape[0],) + (1,) * (weight.dim() - 1)
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape))
+        self.alpha = nn.Parameter(torch.zeros_like(weight), requires_grad=False)
+        self.mode = RoundMode.NEAREST
+
+    def init_range(self, weight: Tensor, **search: float) -> None:
+        lo, hi = mse_range(weight.reshape(weight.shape[0], -1), self.bits, **search)  # type: ignore[arg-type]
+        s, z = qparams(lo, hi, self.qmin, self.qmax)
+        self.scale.copy_(s.view_as(self.scale))
+        self.zero_point.copy_(z.view_as(self.zero_point))
+        self.init_alpha(weight)
+
+    def init_alpha(self, weight: Tensor) -> None:
+        """alpha such that h(alpha) equals the fractional part of W/s (soft == FP weight)."""
+        w = weight / self.scale
+        frac = (w - torch.floor(w)).clamp(1e-6, 1 - 1e-6)
+        self.alpha.data = -torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1)
+
+    def h(self) -> Tensor:
+        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+
+    def round_loss(self, b: float) -> Tensor:
+        return (1 - (2 * self.h() - 1).abs().pow(b)).sum()
+
+    def int_weight(self, weight: Tensor) -> Tensor:
+        """Integer codes of the current decision (hard AdaRound, or nearest)."""
+        if self.mode == RoundMode.NEAREST:
+            return quantize_int(weight, self.scale, self.zero_point, self.qmin, self.qmax)
+        up = (self.alpha >= 0).to(weight.dtype)
+        return torch.clamp(torch.floor(weight / self.scale) + up + self.zero_point, self.qmin, self.qmax)
+
+    def forward(self, weight: Tensor) -> Tensor:
+        if self.mode == RoundMode.NEAREST:
+            return fake_quant(weight, self.scale, self.zero_point, self.qmin, self.qmax)
+        if self.mode == RoundMode.SOFT:
+            q = torch.clamp(torch.floor(weight / self.scale) + self.h() + self.zero_point, self.qmin, self.qmax)
+        else:
+            q = self.int_weight(weight)
+        return (q - self.zero_point) * self.scale
+
+
+class ActQuantizer(nn.Module):
+    """Activation fake-quantizer: per tensor, or per channel over the last (hidden) dim.
+
+    ``learnable`` quantizers train their step with LSQ during reconstruction; static ones
+    (q/k/v outputs, softmax) keep the range-init scale. Before ``observe`` has run, or while
+    disabled, the quantizer is the identity.
+    """
+
+    def __init__(self, bits: int, channels: int | None = None, learnable: bool = True) -> None:
+        super().__init__()
+        self.bits = bits
+        self.qmin, self.qmax = qrange(bits)
+        self.channels = channels
+        n = channels or 1
+        self.scale = nn.Parameter(torch.ones(n), requires_grad=False)
+        self.register_buffer("zero_point", torch.zeros(n))
+        self.learnable = learnable
+        self.enabled = False
+        self.observing = False
+        self.search: dict[str, float] = {}
+        self._seen = 0
+
+    def _rows(self, x: Tensor) -> Tensor:
+        if self.channels:
+            return x.reshape(-1, self.channels).t()
+        return x.reshape(1, -1)
+
+    def observe(self, x: Tensor) -> None:
+        """MSE range search on ``x``; repeated calls average the ranges (QDrop's AvgMSE)."""
+        lo, hi = mse_range(self._rows(x), self.bits, **self.search)  # type: ignore[arg-type]
+        s, z = qparams(lo, hi, self.qmin, self.qmax)
+        if self._seen:
+            old_lo = -self.zero_point * self.scale.data
+            old_hi = old_lo + self.scale.data * (self.qmax - self.qmin)
+            k = self._seen
+            s, z = qparams((old_lo * k + lo) / (k + 1), (old_hi * k + hi) / (k + 1), self.qmin, self.qmax)
+        self.scale.data.copy_(s)
+        self.zero_point.copy_(z)
+        self._seen += 1
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.observing:
+            self.observe(x)
+            return x
+        if not self.enabled:
+            return x
+        s, z = self.scale, self.zero_point
+        if self.learnable and s.requires_grad:
+            per = x.numel() / s.numel()
+            s = grad_scale(s, 1.0 / math.sqrt(per * self.qmax))
+        if self.channels is None:
+            s, z = s.reshape(()), z.reshape(())
+        return fake_quant(x, s, z, self.qmin, self.qmax)
