@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Self
@@ -29,13 +30,16 @@ def parse_bits(bits: str | dict[str, int] | tuple[int, int]) -> tuple[int, int]:
             raise SpecError(f"bits {bits!r} is not of the form wXaY (e.g. w4a8)")
         w, a = int(m[1]), int(m[2])
     elif isinstance(bits, dict):
-        try:
-            w, a = int(bits["weights"]), int(bits["activations"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise SpecError("bits needs integer 'weights' and 'activations'") from e
-    else:
+        if set(bits) != {"weights", "activations"}:
+            raise SpecError("bits needs exactly the integer fields 'weights' and 'activations'")
+        w, a = bits["weights"], bits["activations"]
+    elif isinstance(bits, tuple | list) and len(bits) == 2:
         w, a = bits
+    else:
+        raise SpecError(f"bits {bits!r} is neither 'wXaY' nor {{weights, activations}}")
     for name, b in (("weight", w), ("activation", a)):
+        if not isinstance(b, int) or isinstance(b, bool):
+            raise SpecError(f"{name} bits must be an integer, got {b!r}")
         if b not in BIT_RANGE:
             raise SpecError(f"{name} bits {b} outside {BIT_RANGE.start}..{BIT_RANGE.stop - 1}")
     return w, a
@@ -87,12 +91,22 @@ def _check_types(obj: Any) -> None:
         t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
         if t == "int" and (not isinstance(v, int) or isinstance(v, bool)):
             raise SpecError(f"{type(obj).__name__}.{f.name} must be an integer, got {v!r}")
-        if t == "float" and (not isinstance(v, int | float) or isinstance(v, bool)):
-            raise SpecError(f"{type(obj).__name__}.{f.name} must be a number, got {v!r}")
+        if t == "float" and (
+            not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v)
+        ):
+            raise SpecError(f"{type(obj).__name__}.{f.name} must be a finite number, got {v!r}")
         if t == "bool" and not isinstance(v, bool):
             raise SpecError(f"{type(obj).__name__}.{f.name} must be true/false, got {v!r}")
         if t == "str" and not isinstance(v, str):
             raise SpecError(f"{type(obj).__name__}.{f.name} must be a string, got {v!r}")
+        if t == "tuple[str, ...]":
+            if isinstance(v, list):  # constructed in code; JSON lists arrive as tuples
+                v = tuple(v)
+                object.__setattr__(obj, f.name, v)
+            if not isinstance(v, tuple) or not all(isinstance(s, str) for s in v):
+                raise SpecError(
+                    f"{type(obj).__name__}.{f.name} must be a list of strings, got {v!r}"
+                )
 
 
 def _positive(obj: Any, *names: str) -> None:
@@ -116,11 +130,11 @@ class QuantRecipe(_Versioned):
     range_init_prompts: int = 32
     mse_p: float = 2.4
     mse_candidates: int = 100
-    # Zero points tried per candidate range for two-sided tensors; 0 = every integer level
-    # (the reference's exhaustive grid, 256x slower at 8 bits).
-    mse_zero_points: int = 32
+    # Window positions tried per candidate range for two-sided tensors; 0 = every integer
+    # zero point (the reference's exhaustive grid, ~28x slower at 8 bits).
+    mse_zero_points: int = 9
     # Values per row the search scores on (evenly spaced order statistics); 0 = all.
-    mse_max_samples: int = 4096
+    mse_max_samples: int = 512
     # Reconstruction (AdaRound + LSQ).
     recon_iters: int = 20000
     recon_batch: int = 32

@@ -1,0 +1,177 @@
+"""``d4c``: the command line MLOps scripts call. Thin: parses, calls the library, prints.
+
+Every bad input ends as one ``error: ...`` line on stderr and exit status 2; nothing is
+written to OUT unless the whole job succeeded (the pipeline renames a finished temp dir).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from d4c_core.errors import D4CError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, like every other error
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _model_spec(args: argparse.Namespace) -> Any:
+    from d4c_core.models import BUILTIN_ARCHS, BUILTIN_TAG, WEIGHTS_DIR, ModelSpec
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else None
+    pretrained = args.pretrained
+    ModelSpec(args.model)  # unknown architecture is the first thing to report
+    if pretrained is None and checkpoint is None and not args.random_init:
+        if args.model in BUILTIN_ARCHS:
+            if (WEIGHTS_DIR / f"{args.model}.safetensors").is_file():
+                pretrained = BUILTIN_TAG
+            else:
+                print(f"note: no built-in weights for {args.model}; using random init", file=sys.stderr)
+        else:
+            raise D4CError(
+                f"{args.model}: give --pretrained TAG, --checkpoint F.safetensors or --random-init"
+            )
+    return ModelSpec(args.model, pretrained=pretrained, checkpoint=checkpoint)
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="open_clip architecture, e.g. d4c-tiny-vit, ViT-B-32")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--pretrained", help="open_clip pretrained tag (or 'builtin')")
+    src.add_argument("--checkpoint", help="local safetensors checkpoint of the architecture")
+    src.add_argument("--random-init", action="store_true", help="random weights (timing, tests)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    from d4c_core.pipeline import JobSpec, run
+    from d4c_core.recipe import CalibrationRecipe, QuantRecipe, Recipe, parse_bits
+
+    w, a = parse_bits(args.bits)
+    quant: dict[str, Any] = {"weight_bits": w, "act_bits": a}
+    if args.recon_iters is not None:
+        quant["recon_iters"] = args.recon_iters
+    recipe = Recipe(
+        seed=args.seed,
+        quant=QuantRecipe(**quant),
+        calibration=CalibrationRecipe(method=args.calib, num_images=args.images),
+    )
+    calib_dir = Path(args.calib_dir) if args.calib_dir else None
+    if args.calib == "real" and calib_dir is None:
+        raise D4CError("--calib real needs --calib-dir DIR")
+    if calib_dir is not None and not calib_dir.is_dir():
+        raise D4CError(f"--calib-dir {calib_dir} is not a directory")
+    _check_cuda(args.device)
+    out = Path(args.out)
+    work = Path(args.workdir) if args.workdir else out.parent / f".{out.name}.work"
+    job = JobSpec(_model_spec(args), recipe, calib_dir=calib_dir, device=args.device)
+
+    def progress(stage: str, frac: float) -> None:
+        if not args.quiet:
+            print(f"[{frac * 100:5.1f}%] {stage}", file=sys.stderr, flush=True)
+
+    report = run(job, work, out, on_progress=progress)
+    shutil.rmtree(work, ignore_errors=True)  # finished: nothing left to resume
+    summary = {"out": str(out), "timings": report["timings"], "metrics": report["metrics"]}
+    print(json.dumps(summary, indent=None if args.json else 2))
+    return 0
+
+
+def _check_cuda(device: str) -> None:
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise D4CError("--device cuda: no CUDA device is available here")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from d4c_core.evaluate import zero_shot_folder
+    from d4c_core.models import load_clip
+
+    for flag in ("classnames", "templates", "images_dir"):
+        if getattr(args, flag) is None:
+            raise D4CError(f"--{flag.replace('_', '-')} is required")
+    _check_cuda(args.device)
+    if args.quantized:
+        from d4c_core.artifacts import load_quantized
+
+        q = load_quantized(Path(args.quantized), args.device)
+        model, tokenizer, preprocess = q.model, q.tokenizer, q.preprocess
+        if q.manifest["model"]["arch"] != args.model:
+            raise D4CError(f"{args.quantized} holds {q.manifest['model']['arch']}, not {args.model}")
+    else:
+        lm = load_clip(_model_spec(args), args.device)
+        model, tokenizer, preprocess = lm.model, lm.tokenizer, lm.preprocess
+    res = zero_shot_folder(
+        model, tokenizer, preprocess, Path(args.classnames), Path(args.templates), Path(args.images_dir)
+    )
+    print(json.dumps(res))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    from d4c_core.artifacts import inspect
+
+    print(json.dumps(inspect(Path(args.out)), indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="d4c", description="Data-free quantization of CLIP models (D4C).")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    q = sub.add_parser("quantize", help="quantize a CLIP and write an artifact directory")
+    _add_model_args(q)
+    q.add_argument("--bits", default="w4a8", help="wXaY, X and Y in 2..8 (w4a8, w6a6, w8a8)")
+    q.add_argument("--calib", default="noise", choices=["noise", "real"])
+    q.add_argument("--calib-dir", help="folder of real calibration images (--calib real)")
+    q.add_argument("--images", type=int, default=128, help="calibration images")
+    q.add_argument("--recon-iters", type=int, help="reconstruction iterations per unit (default 20000)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", required=True, help="artifact directory to create")
+    q.add_argument("--workdir", help="stage checkpoints (default: .OUT.work beside OUT); rerun resumes")
+    q.add_argument("--json", action="store_true", help="one-line JSON summary")
+    q.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    q.set_defaults(func=cmd_quantize)
+
+    e = sub.add_parser("eval", help="zero-shot top-1/top-5 on a folder of labelled images")
+    _add_model_args(e)
+    e.add_argument("--quantized", help="artifact directory from `d4c quantize`")
+    e.add_argument("--classnames", help="file, one class name per line")
+    e.add_argument("--templates", help="file, one template with {c} per line")
+    e.add_argument("--images-dir", help="folder with one subfolder per class name")
+    e.set_defaults(func=cmd_eval)
+
+    i = sub.add_parser("inspect", help="verify an artifact's checksums and print its summary")
+    i.add_argument("out")
+    i.set_defaults(func=cmd_inspect)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except D4CError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("error: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,231 @@
+"""Recipe parsing and validation, and its exact JSON round trip."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+
+from d4c_core.errors import SpecError
+from d4c_core.recipe import (
+    PRESETS,
+    CalibrationRecipe,
+    QuantRecipe,
+    Recipe,
+    parse_bits,
+)
+
+ALL_BITS = [(w, a) for w in range(2, 9) for a in range(2, 9)]
+
+
+@pytest.mark.parametrize(("name", "bits"), [("w4a8", (4, 8)), ("w6a6", (6, 6)), ("w8a8", (8, 8))])
+def test_presets(name: str, bits: tuple[int, int]) -> None:
+    assert PRESETS[name] == bits
+    assert parse_bits(name) == bits
+    r = Recipe.preset(name)
+    assert (r.quant.weight_bits, r.quant.act_bits) == bits
+    assert r.quant.bits_name == name
+    assert r.quant.text_mlp_bits == 8
+
+
+@pytest.mark.parametrize(("w", "a"), ALL_BITS)
+def test_every_wxay_in_range_parses(w: int, a: int) -> None:
+    assert parse_bits(f"w{w}a{a}") == (w, a)
+    assert parse_bits({"weights": w, "activations": a}) == (w, a)
+    assert parse_bits((w, a)) == (w, a)
+    assert Recipe.preset(f"w{w}a{a}").quant.bits_name == f"w{w}a{a}"
+
+
+def test_bits_spelling_variants() -> None:
+    assert parse_bits("W4A8") == (4, 8)
+    assert parse_bits(" w4a8 ") == (4, 8)
+
+
+@pytest.mark.parametrize(
+    "bits",
+    [
+        "w1a8",
+        "w4a1",
+        "w9a8",
+        "w4a9",
+        "w0a0",
+        "w10a10",
+        "w16a16",
+        "w-1a8",
+        "w4",
+        "a8",
+        "4a8",
+        "w4a8x",
+        "w4 a8",
+        "w4.5a8",
+        "",
+        "int4",
+        {"weights": 4},
+        {"activations": 8},
+        {"weights": 9, "activations": 8},
+        {"weights": "four", "activations": 8},
+        {"weights": "4", "activations": 8},
+        {"weights": 4.7, "activations": 8},
+        {"weights": True, "activations": 8},
+        {"weights": 4, "activations": 8, "extra": 1},
+        {},
+        (4.0, 8),
+        (1, 8),
+        (4, 8, 8),
+        None,
+        48,
+    ],
+)
+def test_bad_bits_are_spec_errors(bits: Any) -> None:
+    with pytest.raises(SpecError):
+        parse_bits(bits)
+
+
+@pytest.mark.parametrize("bits", ["w1a8", "w9a9", "bogus"])
+def test_bad_preset_is_spec_error(bits: str) -> None:
+    with pytest.raises(SpecError):
+        Recipe.preset(bits)
+
+
+def test_defaults_are_the_reference_recipe() -> None:
+    q = QuantRecipe()
+    assert (q.weight_bits, q.act_bits, q.text_mlp_bits) == (4, 8, 8)
+    assert (q.mse_p, q.mse_candidates, q.recon_iters, q.recon_batch) == (2.4, 100, 20000, 32)
+    assert (q.adaround_b_start, q.adaround_b_end, q.adaround_warmup) == (20.0, 2.0, 0.2)
+    assert (q.lr_alpha, q.lr_act_image, q.lr_act_text) == (1e-3, 4e-5, 4e-6)
+    assert Recipe() == Recipe.preset("w4a8")
+
+
+ROUND_TRIP = [
+    Recipe(),
+    Recipe.preset("w2a3", recon_iters=0, mse_zero_points=0, mse_max_samples=0),
+    Recipe.preset("w8a8", quantize_text=False, mse_p=2.0, lr_alpha=0.1).replace(seed=123456789),
+    Recipe(
+        seed=7,
+        quant=QuantRecipe(weight_bits=3, act_bits=5, text_mlp_bits=6, quantize_image=False),
+        calibration=CalibrationRecipe(
+            method="real",
+            num_images=3,
+            num_prompts=9,
+            classnames=("cat", "hot dog", "naïve café", 'say "hi"', "日本"),
+            templates=("a photo of a {c}.", "{c}"),
+        ),
+    ),
+    Recipe().replace(quant={"adaround_lambda": 1e-7, "adaround_warmup": 0.0}, seed=-1),
+]
+
+
+@pytest.mark.parametrize("recipe", ROUND_TRIP, ids=range(len(ROUND_TRIP)))
+def test_json_round_trip_is_exact(recipe: Recipe) -> None:
+    text = recipe.to_json()
+    back = Recipe.from_json(text)
+    assert back == recipe
+    assert back.to_json() == text
+    assert Recipe.from_dict(json.loads(text)) == recipe
+    assert json.loads(text)["version"] == Recipe.VERSION
+    # Every field is in the JSON (no silently implied defaults).
+    data = json.loads(text)
+    assert set(data) == {"version", "seed", "quant", "calibration"}
+    assert set(data["quant"]) == set(QuantRecipe.__dataclass_fields__)
+    assert set(data["calibration"]) == set(CalibrationRecipe.__dataclass_fields__)
+    hash(back)  # frozen and hashable: tuples, not lists
+
+
+def test_round_trip_keeps_tuples_of_classnames() -> None:
+    r = Recipe(calibration=CalibrationRecipe(classnames=("a", "b"), templates=("x {c}",)))
+    back = Recipe.from_json(r.to_json())
+    assert back.calibration.classnames == ("a", "b")
+    assert isinstance(back.calibration.classnames, tuple)
+    # Built in code from lists, the recipe still equals its JSON round trip.
+    from_lists = CalibrationRecipe(classnames=["a", "b"], templates=["x {c}"])  # type: ignore[arg-type]
+    assert from_lists == r.calibration
+
+
+def test_partial_dict_fills_defaults() -> None:
+    r = Recipe.from_dict({"quant": {"weight_bits": 6, "act_bits": 6}})
+    assert r == Recipe.preset("w6a6")
+    assert Recipe.from_json("{}") == Recipe()
+
+
+def test_replace_is_nested() -> None:
+    r = Recipe().replace(seed=5, quant={"recon_iters": 10})
+    assert (r.seed, r.quant.recon_iters, r.quant.weight_bits) == (5, 10, 4)
+    with pytest.raises(SpecError):
+        Recipe().replace(quant={"weight_bits": 1})
+
+
+BAD_JSON: list[Any] = [
+    {"sed": 1},
+    {"quant": {"weight_bit": 4}},
+    {"calibration": {"classname": ["a"]}},
+    {"version": 2},
+    {"version": 0},
+    {"version": "1"},
+    {"version": True},
+    {"seed": "1"},
+    {"seed": 1.5},
+    {"seed": None},
+    {"quant": {"weight_bits": "4"}},
+    {"quant": {"weight_bits": 4.0}},
+    {"quant": {"weight_bits": True}},
+    {"quant": {"weight_bits": 9}},
+    {"quant": {"act_bits": 1}},
+    {"quant": {"text_mlp_bits": 12}},
+    {"quant": {"quantize_text": 1}},
+    {"quant": {"quantize_text": "yes"}},
+    {"quant": {"quantize_text": False, "quantize_image": False}},
+    {"quant": {"mse_p": "2.4"}},
+    {"quant": {"mse_p": 0}},
+    {"quant": {"mse_candidates": 0}},
+    {"quant": {"recon_iters": -1}},
+    {"quant": {"recon_batch": 0}},
+    {"quant": {"adaround_warmup": 1.0}},
+    {"quant": {"lr_alpha": None}},
+    {"quant": []},
+    {"quant": "w4a8"},
+    {"calibration": {"method": "imagenet"}},
+    {"calibration": {"method": 1}},
+    {"calibration": {"num_images": 0}},
+    {"calibration": {"num_prompts": -5}},
+    {"calibration": {"classnames": "cat"}},
+    {"calibration": {"classnames": [1, 2]}},
+    {"calibration": {"classnames": [["cat"]]}},
+    {"calibration": {"templates": ["a photo of a {}"]}},
+    {"calibration": {"templates": "a {c}"}},
+    [],
+    "w4a8",
+    None,
+    3,
+]
+
+
+@pytest.mark.parametrize("data", BAD_JSON, ids=[json.dumps(d) for d in BAD_JSON])
+def test_invalid_recipes_are_spec_errors(data: Any) -> None:
+    with pytest.raises(SpecError):
+        Recipe.from_json(json.dumps(data))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "{",
+        "{'seed': 1}",
+        '{"quant": {"mse_p": NaN}}',
+        '{"quant": {"lr_alpha": Infinity}}',
+        '{"quant": {"adaround_lambda": -Infinity}}',
+    ],
+)
+def test_malformed_or_non_finite_json_is_spec_error(text: str) -> None:
+    with pytest.raises(SpecError):
+        Recipe.from_json(text)
+
+
+def test_error_messages_name_the_field() -> None:
+    with pytest.raises(SpecError, match="weight_bit"):
+        Recipe.from_json('{"quant": {"weight_bit": 4}}')
+    with pytest.raises(SpecError, match="seed"):
+        Recipe.from_json('{"seed": "x"}')
+    with pytest.raises(SpecError, match="version"):
+        Recipe.from_json('{"version": 2}')
