@@ -48,7 +48,14 @@ ProgressFn = Callable[[str, float], None]
 CancelFn = Callable[[], bool]
 
 # Share of the whole job each stage stands for, for one progress number.
-STAGES = {"load": 0.02, "calibration": 0.05, "range_init": 0.05, "reconstruction": 0.8, "evaluation": 0.06, "export": 0.02}
+STAGES = {
+    "load": 0.02,
+    "calibration": 0.05,
+    "range_init": 0.05,
+    "reconstruction": 0.8,
+    "evaluation": 0.06,
+    "export": 0.02,
+}
 
 
 @dataclass(frozen=True)
@@ -109,7 +116,11 @@ def tensor_digest(*tensors: Tensor) -> str:
 def _save(path: Path, tensors: dict[str, Tensor], key: str) -> None:
     """Write-then-rename, so a kill never leaves a half file that looks finished."""
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"key": key})
+    save_file(
+        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
+        str(tmp),
+        metadata={"key": key},
+    )
     tmp.replace(path)
 
 
@@ -128,13 +139,18 @@ def _load(path: Path, key: str) -> dict[str, Tensor] | None:
         return None
 
 
-def _calibration(job: JobSpec, loaded: LoadedModel, work: Path, prog: _Progress) -> tuple[Tensor, Tensor, str]:
+def _calibration(
+    job: JobSpec, loaded: LoadedModel, work: Path, prog: _Progress
+) -> tuple[Tensor, Tensor, str]:
     cal = job.recipe.calibration
     listing = None
     if cal.method == "real" and job.calib_dir is not None:
         from d4c_core.calibration.sources import list_images
 
-        listing = [(str(p.relative_to(job.calib_dir)), p.stat().st_size) for p in list_images(job.calib_dir)]
+        listing = [
+            (str(p.relative_to(job.calib_dir)), p.stat().st_size)
+            for p in list_images(job.calib_dir)
+        ]
     key = _key("calibration", loaded.fingerprint, cal.to_dict(), job.recipe.seed, listing)
     path = work / "calibration.safetensors"
     state = _load(path, key)
@@ -212,7 +228,15 @@ def run(
         prog.timings["export"] = 0.0  # filled below; report.json carries the stages before it
         report["timings"] = dict(prog.timings)
         model.cpu()
-        export(model, job.model, recipe, tmp, fingerprint=loaded.fingerprint, report=report, extra_files={"calibration.png": work / "calibration.png"})
+        export(
+            model,
+            job.model,
+            recipe,
+            tmp,
+            fingerprint=loaded.fingerprint,
+            report=report,
+            extra_files={"calibration.png": work / "calibration.png"},
+        )
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
@@ -239,39 +263,62 @@ def init_ranges_from_state(model: torch.nn.Module, state: dict[str, Tensor]) -> 
 
 
 def _reconstruct(
-    model: torch.nn.Module, todo: list[Unit], images: Tensor, tokens: Tensor, recipe: Recipe, base: str, work: Path, prog: _Progress
+    model: torch.nn.Module,
+    todo: list[Unit],
+    images: Tensor,
+    tokens: Tensor,
+    recipe: Recipe,
+    base: str,
+    work: Path,
+    prog: _Progress,
 ) -> tuple[list[dict[str, Any]], int]:
     """Reconstruct units in order; a unit whose checkpoint matches is loaded, not redone.
 
-    A unit's key chains the key of the unit before it, so a unit is reused only if every
-    earlier unit is the same one it was computed after.
+    A unit's key chains the key and the learned state of the unit before it, so a unit is
+    reused only if every earlier unit holds exactly what it held when this one was computed
+    (a recomputed earlier unit that came out differently, e.g. on a non-deterministic GPU,
+    invalidates everything after it).
     """
     results: list[dict[str, Any]] = []
     resumed = 0
-    key = base
+    key, before = base, ""
     for unit in todo:
         prog.at("reconstruction", unit.index / max(1, len(todo)))
-        key = _key("unit", key, unit.index, unit.name)
+        key = _key("unit", key, before, unit.index, unit.name)
         path = work / "units" / f"{unit.index:04d}.safetensors"
         saved = _load(path, key)
         if saved is not None:
-            meta = json.loads((path.with_suffix(".json")).read_text()) if path.with_suffix(".json").is_file() else {}
+            meta = (
+                json.loads((path.with_suffix(".json")).read_text())
+                if path.with_suffix(".json").is_file()
+                else {}
+            )
             load_unit_state(unit, saved)
             results.append(meta | {"resumed": True})
             resumed += 1
+            before = tensor_digest(*(saved[k] for k in sorted(saved)))
             continue
         t0 = time.perf_counter()
-        res = reconstruct_unit(model, unit, images, tokens, recipe.quant, unit_seed(recipe.seed, unit.index))
+        res = reconstruct_unit(
+            model, unit, images, tokens, recipe.quant, unit_seed(recipe.seed, unit.index)
+        )
         res.seconds = time.perf_counter() - t0
         path.with_suffix(".json").write_text(json.dumps(asdict(res)))
-        _save(path, unit_state(unit), key)
+        state = unit_state(unit)
+        _save(path, state, key)
+        before = tensor_digest(*(state[k] for k in sorted(state)))
         results.append(asdict(res))
-        log.info("unit done", extra={"unit": unit.name, "mse_init": res.mse_init, "mse_final": res.mse_final})
+        log.info(
+            "unit done",
+            extra={"unit": unit.name, "mse_init": res.mse_init, "mse_final": res.mse_final},
+        )
     prog.at("reconstruction", 1.0)
     return results, resumed
 
 
-def _evaluate(job: JobSpec, loaded: LoadedModel, model: torch.nn.Module, images: Tensor, tokens: Tensor) -> dict[str, Any]:
+def _evaluate(
+    job: JobSpec, loaded: LoadedModel, model: torch.nn.Module, images: Tensor, tokens: Tensor
+) -> dict[str, Any]:
     """Per-layer SQNR and embedding cosine on the calibration batch; zero-shot if a task is set."""
     n_img, n_txt = job.recipe.quant.range_init_images, job.recipe.quant.range_init_prompts
     report: dict[str, Any] = {

@@ -8,7 +8,7 @@ Conventions: unsigned integer grid ``[0, 2^b - 1]``; ``x_hat = (clamp(round(x/s)
 from __future__ import annotations
 
 import math
-from enum import Enum
+from enum import StrEnum
 
 import torch
 from torch import Tensor, nn
@@ -77,11 +77,17 @@ class _LSQ(torch.autograd.Function):
     def backward(ctx, dy: Tensor):  # type: ignore[override]
         inside, dyds = ctx.saved_tensors
         ds = dy * dyds
-        ds = ds.flatten(0, -2).sum(0) if ctx.scale_shape.numel() > 1 else ds.sum().reshape(ctx.scale_shape)
+        ds = (
+            ds.flatten(0, -2).sum(0)
+            if ctx.scale_shape.numel() > 1
+            else ds.sum().reshape(ctx.scale_shape)
+        )
         return dy * inside, ds * ctx.g, None, None, None
 
 
-def lsq_fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, g: float) -> Tensor:
+def lsq_fake_quant(
+    x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, g: float
+) -> Tensor:
     """Fake quantization whose step ``scale`` (per tensor, or per last-dim channel) learns."""
     return _LSQ.apply(x, scale, qmin - zero_point, qmax - zero_point, g)
 
@@ -125,8 +131,9 @@ def mse_range(
     One-sided data (all >= 0 or all <= 0): 1-D search over ``candidates`` thresholds.
     Two-sided: 2-D search, range ``r_i = (max - min) * i / candidates`` times ``zero_points``
     window positions sliding from the data's min to its max (each rounded to an integer zero
-    point); ``zero_points=0`` tries every integer zero point as the reference does. The winner is finally compared on the full rows with plain min-max, so the
-    search is never worse than min-max even though it scores on a subsample.
+    point); ``zero_points=0`` tries every integer zero point as the reference does. The
+    winner is finally compared on the full rows with plain min-max, so the search is never
+    worse than min-max even though it scores on a subsample.
     """
     rows = rows.detach().float()
     qmin, qmax = qrange(bits)
@@ -189,7 +196,7 @@ def quantize_dq(x: Tensor, scale: Tensor, zp: Tensor, qmin: int, qmax: int) -> T
     return (quantize_int(x, scale, zp, qmin, qmax) - zp) * scale
 
 
-class RoundMode(str, Enum):
+class RoundMode(StrEnum):
     NEAREST = "nearest"  # fake-quant with round-to-nearest (range init, baselines)
     SOFT = "soft"  # AdaRound's continuous relaxation, during reconstruction
     HARD = "hard"  # AdaRound decisions fixed: floor + (alpha >= 0)
@@ -246,7 +253,9 @@ class WeightQuantizer(nn.Module):
         if self.mode == RoundMode.NEAREST:
             return quantize_int(weight, self.scale, self.zero_point, self.qmin, self.qmax)
         up = (self.alpha >= 0).to(weight.dtype)
-        return torch.clamp(torch.floor(weight / self.scale) + up + self.zero_point, self.qmin, self.qmax)
+        return torch.clamp(
+            torch.floor(weight / self.scale) + up + self.zero_point, self.qmin, self.qmax
+        )
 
     def forward(self, weight: Tensor) -> Tensor:
         if self.mode == RoundMode.NEAREST:
@@ -278,6 +287,7 @@ class ActQuantizer(nn.Module):
         self.enabled = False
         self.observing = False
         self.search: dict[str, float] = {}
+        self.memo: dict[tuple, tuple[Tensor, tuple[Tensor, Tensor]]] | None = None
         self._seen = 0
 
     def _rows(self, x: Tensor) -> Tensor:
@@ -286,14 +296,28 @@ class ActQuantizer(nn.Module):
         return x.reshape(1, -1)
 
     def observe(self, x: Tensor) -> None:
-        """MSE range search on ``x``; repeated calls average the ranges (QDrop's AvgMSE)."""
-        lo, hi = mse_range(self._rows(x), self.bits, **self.search)  # type: ignore[arg-type]
+        """MSE range search on ``x``; repeated calls average the ranges (QDrop's AvgMSE).
+
+        ``memo`` (shared by the quantizers of one range-init pass) reuses a search on the
+        very same tensor: q, k and v projections all quantize one LayerNorm output.
+        """
+        key = (x.data_ptr(), tuple(x.shape), x._version, self.bits, self.channels)
+        hit = self.memo.get(key) if self.memo is not None else None
+        # The memo keeps x alive, so its address cannot be reused by another tensor.
+        found = hit[1] if hit is not None and hit[0] is x else None
+        if found is None:
+            found = mse_range(self._rows(x), self.bits, **self.search)  # type: ignore[arg-type]
+            if self.memo is not None:
+                self.memo[key] = (x, found)
+        lo, hi = found
         s, z = qparams(lo, hi, self.qmin, self.qmax)
         if self._seen:
             old_lo = -self.zero_point * self.scale.data
             old_hi = old_lo + self.scale.data * (self.qmax - self.qmin)
             k = self._seen
-            s, z = qparams((old_lo * k + lo) / (k + 1), (old_hi * k + hi) / (k + 1), self.qmin, self.qmax)
+            s, z = qparams(
+                (old_lo * k + lo) / (k + 1), (old_hi * k + hi) / (k + 1), self.qmin, self.qmax
+            )
         self.scale.data.copy_(s)
         self.zero_point.copy_(z)
         self._seen += 1

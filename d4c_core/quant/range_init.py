@@ -36,8 +36,10 @@ def init_ranges(model: nn.Module, images: Tensor, tokens: Tensor, recipe: QuantR
     search = search_args(recipe)
     set_quant_state(model, weights=False, acts=False)
     quantizers = list(act_quantizers(model))
+    memo: dict = {}
     for _, aq in quantizers:
         aq.search = search
+        aq.memo = memo
         aq.observing = True
         aq._seen = 0
     try:
@@ -48,6 +50,7 @@ def init_ranges(model: nn.Module, images: Tensor, tokens: Tensor, recipe: QuantR
     finally:
         for _, aq in quantizers:
             aq.observing = False
+            aq.memo = None
     for info in quant_layers(model):
         wq = info.module.weight_quant
         wq.init_range(info.module.weight, **search)

@@ -9,6 +9,7 @@ touches only the unit, never the whole model.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,17 +40,31 @@ def units(model: nn.Module) -> list[Unit]:
     visual = model.visual
     if isinstance(visual, ModifiedResNet):
         for name, mod in visual.named_modules():
-            if isinstance(mod, Bottleneck) and any(isinstance(m, QuantLayer) for m in mod.modules()):
+            if isinstance(mod, Bottleneck) and any(
+                isinstance(m, QuantLayer) for m in mod.modules()
+            ):
                 found.append((f"visual.{name}", "image", mod))
             elif isinstance(mod, QuantAttentionPool2d):
                 for p in ("q_proj", "k_proj", "v_proj", "out_proj"):
                     found.append((f"visual.{name}.{p}", "image", getattr(mod, p)))
     else:
-        found += [(f"visual.{n}", "image", m) for n, m in visual.named_modules() if isinstance(m, QuantLayer)]
-    text = [(n, "text", m) for n, m in model.named_modules() if isinstance(m, QuantLayer) and not n.startswith("visual.")]
+        found += [
+            (f"visual.{n}", "image", m)
+            for n, m in visual.named_modules()
+            if isinstance(m, QuantLayer)
+        ]
+    text = [
+        (n, "text", m)
+        for n, m in model.named_modules()
+        if isinstance(m, QuantLayer) and not n.startswith("visual.")
+    ]
     out = []
     for i, (name, tower, mod) in enumerate(found + text):
-        layers = [mod] if isinstance(mod, QuantLayer) else [m for m in mod.modules() if isinstance(m, QuantLayer)]
+        layers = (
+            [mod]
+            if isinstance(mod, QuantLayer)
+            else [m for m in mod.modules() if isinstance(m, QuantLayer)]
+        )
         out.append(Unit(i, name, tower, mod, layers))
     return out
 
@@ -59,7 +74,12 @@ class _Stop(Exception):
 
 
 def capture(
-    model: nn.Module, module: nn.Module, feed: Callable[[Tensor], object], data: Tensor, batch: int, output: bool
+    model: nn.Module,
+    module: nn.Module,
+    feed: Callable[[Tensor], object],
+    data: Tensor,
+    batch: int,
+    output: bool,
 ) -> Tensor:
     """Run ``feed`` over ``data`` in chunks, keeping ``module``'s input (or output) only."""
     got: list[Tensor] = []
@@ -76,10 +96,8 @@ def capture(
     try:
         with torch.no_grad():
             for chunk in data.split(batch):
-                try:
+                with contextlib.suppress(_Stop):
                     feed(chunk)
-                except _Stop:
-                    pass
     finally:
         handle.remove()
     return torch.cat(got)
@@ -92,7 +110,10 @@ def unit_loss(out: Tensor, target: Tensor) -> Tensor:
 
 @torch.no_grad()
 def unit_mse(module: nn.Module, inputs: Tensor, targets: Tensor, batch: int = 256) -> float:
-    total = sum(unit_loss(module(x), y).item() * len(x) for x, y in zip(inputs.split(batch), targets.split(batch), strict=True))
+    total = sum(
+        unit_loss(module(x), y).item() * len(x)
+        for x, y in zip(inputs.split(batch), targets.split(batch), strict=True)
+    )
     return total / len(inputs)
 
 
@@ -107,7 +128,9 @@ def b_schedule(it: int, iters: int, recipe: QuantRecipe) -> float | None:
     if it < warm:
         return None
     t = (it - warm) / max(1, iters - warm)
-    return recipe.adaround_b_end + (recipe.adaround_b_start - recipe.adaround_b_end) * max(0.0, 1 - t)
+    return recipe.adaround_b_end + (recipe.adaround_b_start - recipe.adaround_b_end) * max(
+        0.0, 1 - t
+    )
 
 
 @dataclass
@@ -120,7 +143,9 @@ class UnitResult:
     seconds: float = 0.0
 
 
-def optimize_unit(unit: Unit, inputs: Tensor, targets: Tensor, recipe: QuantRecipe, seed: int) -> None:
+def optimize_unit(
+    unit: Unit, inputs: Tensor, targets: Tensor, recipe: QuantRecipe, seed: int
+) -> None:
     """AdaRound on the unit's weights and LSQ on its input steps; ends in hard rounding.
 
     One Adam with two groups (alpha; steps with a cosine-to-zero lr) keeps the per-iteration
@@ -165,16 +190,22 @@ def optimize_unit(unit: Unit, inputs: Tensor, targets: Tensor, recipe: QuantReci
             wq.end_soft()
 
 
-def unit_data(model: nn.Module, unit: Unit, images: Tensor, tokens: Tensor, batch: int) -> tuple[Tensor, Tensor]:
+def unit_data(
+    model: nn.Module, unit: Unit, images: Tensor, tokens: Tensor, batch: int
+) -> tuple[Tensor, Tensor]:
     """Cached (quantized-prefix input, FP output) of ``unit`` over the calibration set."""
-    feed, data = (model.encode_image, images) if unit.tower == "image" else (model.encode_text, tokens)
+    feed, data = (
+        (model.encode_image, images) if unit.tower == "image" else (model.encode_text, tokens)
+    )
     inputs = capture(model, unit.module, feed, data, batch, output=False)
     with fp_mode(model):
         targets = capture(model, unit.module, feed, data, batch, output=True)
     return inputs, targets
 
 
-def reconstruct_unit(model: nn.Module, unit: Unit, images: Tensor, tokens: Tensor, recipe: QuantRecipe, seed: int) -> UnitResult:
+def reconstruct_unit(
+    model: nn.Module, unit: Unit, images: Tensor, tokens: Tensor, recipe: QuantRecipe, seed: int
+) -> UnitResult:
     """Reconstruct one unit in place and report its output MSE before and after."""
     inputs, targets = unit_data(model, unit, images, tokens, max(recipe.recon_batch, 64))
     _set_mode(unit.layers, RoundMode.NEAREST)

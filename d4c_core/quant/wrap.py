@@ -32,14 +32,25 @@ from d4c_core.recipe import QuantRecipe
 class QuantLayer(nn.Module):
     """A Linear or Conv2d whose input activation and weight are fake-quantized."""
 
-    def __init__(self, layer: nn.Linear | nn.Conv2d, w_bits: int, a_bits: int, per_channel_input: bool) -> None:
+    def __init__(
+        self, layer: nn.Linear | nn.Conv2d, w_bits: int, a_bits: int, per_channel_input: bool
+    ) -> None:
         super().__init__()
         self.weight = nn.Parameter(layer.weight.detach().clone(), requires_grad=False)
-        self.bias = None if layer.bias is None else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        self.bias = (
+            None
+            if layer.bias is None
+            else nn.Parameter(layer.bias.detach().clone(), requires_grad=False)
+        )
         self.is_conv = isinstance(layer, nn.Conv2d)
         if self.is_conv:
             assert isinstance(layer, nn.Conv2d)
-            self.conv_args = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation, groups=layer.groups)
+            self.conv_args = dict(
+                stride=layer.stride,
+                padding=layer.padding,
+                dilation=layer.dilation,
+                groups=layer.groups,
+            )
         channels = layer.in_features if per_channel_input and isinstance(layer, nn.Linear) else None
         self.act_quant = ActQuantizer(a_bits, channels=channels, learnable=True)
         self.weight_quant = WeightQuantizer(self.weight, w_bits)
@@ -76,7 +87,16 @@ def _split_in_proj(mha: nn.MultiheadAttention) -> tuple[nn.Linear, nn.Linear, nn
 class QuantAttention(nn.Module):
     """Multi-head attention with explicit projections and quantized q, k, v and softmax."""
 
-    def __init__(self, q: nn.Linear, k: nn.Linear, v: nn.Linear, out: nn.Linear, heads: int, w_bits: int, a_bits: int) -> None:
+    def __init__(
+        self,
+        q: nn.Linear,
+        k: nn.Linear,
+        v: nn.Linear,
+        out: nn.Linear,
+        heads: int,
+        w_bits: int,
+        a_bits: int,
+    ) -> None:
         super().__init__()
         self.heads = heads
         self.q_proj = QuantLayer(q, w_bits, a_bits, per_channel_input=True)
@@ -124,9 +144,10 @@ class QuantMultiheadAttention(QuantAttention):
         attn_mask: Tensor | None = None,
         key_padding_mask: Tensor | None = None,
     ) -> tuple[Tensor, None]:
-        if key is not query or value is not query:
-            if not (torch.equal(key, query) and torch.equal(value, query)):
-                raise SpecError("cross-attention is not supported for quantization")
+        if (key is not query or value is not query) and not (
+            torch.equal(key, query) and torch.equal(value, query)
+        ):
+            raise SpecError("cross-attention is not supported for quantization")
         x = query if self.batch_first else query.transpose(0, 1)
         b, lq, _ = x.shape
         mask = None
@@ -150,8 +171,12 @@ class QuantAttentionPool2d(QuantAttention):
     """ModifiedResNet's QKV attention pool with explicit, quantized projections."""
 
     def __init__(self, pool: AttentionPool2d, w_bits: int, a_bits: int) -> None:
-        super().__init__(pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj, pool.num_heads, w_bits, a_bits)
-        self.positional_embedding = nn.Parameter(pool.positional_embedding.detach().clone(), requires_grad=False)
+        super().__init__(
+            pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj, pool.num_heads, w_bits, a_bits
+        )
+        self.positional_embedding = nn.Parameter(
+            pool.positional_embedding.detach().clone(), requires_grad=False
+        )
 
     def forward(self, x: Tensor) -> Tensor:
         x = x.flatten(2).transpose(1, 2)  # (N, HW, C)
@@ -167,11 +192,15 @@ class QuantizedLayerInfo:
     module: QuantLayer
 
 
-def _replace_linear(parent: nn.Module, attr: str, w_bits: int, a_bits: int, per_channel_input: bool) -> None:
+def _replace_linear(
+    parent: nn.Module, attr: str, w_bits: int, a_bits: int, per_channel_input: bool
+) -> None:
     setattr(parent, attr, QuantLayer(getattr(parent, attr), w_bits, a_bits, per_channel_input))
 
 
-def _wrap_transformer_blocks(blocks: nn.Module, w_bits: int, a_bits: int, mlp_bits: tuple[int, int]) -> None:
+def _wrap_transformer_blocks(
+    blocks: nn.Module, w_bits: int, a_bits: int, mlp_bits: tuple[int, int]
+) -> None:
     for blk in blocks.modules():
         if not isinstance(blk, ResidualAttentionBlock):
             continue
@@ -202,7 +231,9 @@ def quantize_(model: nn.Module, recipe: QuantRecipe) -> nn.Module:
             raise SpecError(f"unsupported image tower {type(visual).__name__}")
     if recipe.quantize_text:
         if not hasattr(model, "transformer"):
-            raise SpecError("unsupported text tower (expected open_clip CLIP with a text transformer)")
+            raise SpecError(
+                "unsupported text tower (expected open_clip CLIP with a text transformer)"
+            )
         m = recipe.text_mlp_bits
         _wrap_transformer_blocks(model.transformer, w, a, (m, m))
     return model
@@ -213,7 +244,9 @@ def quant_layers(model: nn.Module) -> list[QuantizedLayerInfo]:
     out = []
     for name, mod in model.named_modules():
         if isinstance(mod, QuantLayer):
-            out.append(QuantizedLayerInfo(name, "image" if name.startswith("visual.") else "text", mod))
+            out.append(
+                QuantizedLayerInfo(name, "image" if name.startswith("visual.") else "text", mod)
+            )
     out.sort(key=lambda i: i.tower != "image")  # stable: keeps module order within a tower
     return out
 
@@ -242,7 +275,13 @@ class fp_mode:
 
     def __enter__(self) -> nn.Module:
         for mod in self.model.modules():
-            attr = "quant_weight" if isinstance(mod, QuantLayer) else "enabled" if isinstance(mod, ActQuantizer) else None
+            attr = (
+                "quant_weight"
+                if isinstance(mod, QuantLayer)
+                else "enabled"
+                if isinstance(mod, ActQuantizer)
+                else None
+            )
             if attr:
                 self.saved.append((mod, attr, getattr(mod, attr)))
                 setattr(mod, attr, False)
