@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 FORMAT = "d4c-quantized"
 FORMAT_VERSION = 1
+META_KEY = "d4c"
 MODEL_FILE = "model.safetensors"
 REPORT_FILE = "report.json"
 MANIFEST_FILE = "manifest.json"
@@ -238,7 +239,11 @@ def export(
         # Codes are stored flat; the shape lets readers (weight_bytes, load) check the count.
         "layer_shapes": json.dumps(layer_shapes, sort_keys=True),
     }
-    save_file(tensors, str(out_dir / MODEL_FILE), metadata=meta)
+    # One metadata key: safetensors writes several in random order, and the same model must
+    # give the same bytes (resume is checked against an uninterrupted run by sha256).
+    save_file(
+        tensors, str(out_dir / MODEL_FILE), metadata={META_KEY: json.dumps(meta, sort_keys=True)}
+    )
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     for name, src in extra_files.items():
         shutil.copyfile(src, out_dir / name)
@@ -309,10 +314,21 @@ class LoadedQuantized:
     preprocess: Any
 
 
+def _file_meta(raw: dict[str, str] | None) -> dict[str, str]:
+    """The artifact's metadata fields, stored as one JSON object under ``META_KEY``."""
+    try:
+        meta = json.loads((raw or {})[META_KEY])
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ArtifactError(f"{MODEL_FILE} has no valid {META_KEY!r} metadata") from e
+    if not isinstance(meta, dict):
+        raise ArtifactError(f"{MODEL_FILE} metadata is not an object")
+    return meta
+
+
 def _read_model_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = dict(f.metadata() or {})
+            meta = _file_meta(f.metadata())
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{path.name} is not a valid safetensors file ({e})") from e
@@ -416,7 +432,7 @@ def weight_bytes(out_dir: Path) -> dict[str, int]:
     quantized = 0
     try:
         with safe_open(str(path), framework="pt") as f:
-            shapes = _json_meta(dict(f.metadata() or {}), "layer_shapes")
+            shapes = _json_meta(_file_meta(f.metadata()), "layer_shapes")
             for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
                 if key.endswith(_QSUFFIXES):
                     t = f.get_tensor(key)

@@ -37,7 +37,10 @@ def _model_spec(args: argparse.Namespace) -> Any:
             if (WEIGHTS_DIR / f"{args.model}.safetensors").is_file():
                 pretrained = BUILTIN_TAG
             else:
-                print(f"note: no built-in weights for {args.model}; using random init", file=sys.stderr)
+                print(
+                    f"note: no built-in weights for {args.model}; using random init",
+                    file=sys.stderr,
+                )
         else:
             raise D4CError(
                 f"{args.model}: give --pretrained TAG, --checkpoint F.safetensors or --random-init"
@@ -46,7 +49,9 @@ def _model_spec(args: argparse.Namespace) -> Any:
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="open_clip architecture, e.g. d4c-tiny-vit, ViT-B-32")
+    p.add_argument(
+        "--model", required=True, help="open_clip architecture, e.g. d4c-tiny-vit, ViT-B-32"
+    )
     src = p.add_mutually_exclusive_group()
     src.add_argument("--pretrained", help="open_clip pretrained tag (or 'builtin')")
     src.add_argument("--checkpoint", help="local safetensors checkpoint of the architecture")
@@ -75,7 +80,13 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     _check_cuda(args.device)
     out = Path(args.out)
     work = Path(args.workdir) if args.workdir else out.parent / f".{out.name}.work"
-    job = JobSpec(_model_spec(args), recipe, calib_dir=calib_dir, device=args.device)
+    # Both are deleted on success (OUT replaced, work dir cleaned up): never someone's data.
+    _check_replaceable(out, "--out", "manifest.json", "artifact")
+    _check_replaceable(work, "--workdir", "units", "work dir")
+    eval_task = _eval_task(args.task) if args.task else None
+    job = JobSpec(
+        _model_spec(args), recipe, calib_dir=calib_dir, eval_task=eval_task, device=args.device
+    )
 
     def progress(stage: str, frac: float) -> None:
         if not args.quiet:
@@ -85,6 +96,54 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     shutil.rmtree(work, ignore_errors=True)  # finished: nothing left to resume
     summary = {"out": str(out), "timings": report["timings"], "metrics": report["metrics"]}
     print(json.dumps(summary, indent=None if args.json else 2))
+    return 0
+
+
+def _check_replaceable(path: Path, flag: str, marker: str, what: str) -> None:
+    """Refuse a path that exists and is neither empty nor ours (no ``marker`` inside)."""
+    if not path.exists() or (path / marker).exists():
+        return
+    if path.is_dir() and not any(path.iterdir()):
+        return
+    raise D4CError(f"{flag} {path} exists and is not a d4c {what}; refusing to replace it")
+
+
+def _testbed_task(name: str) -> Any:
+    from d4c_core.testbed.tasks import tasks
+
+    found = tasks().get(name)
+    if found is None:
+        raise D4CError(f"unknown task {name!r}; see `d4c tasks` ({', '.join(tasks())})")
+    return found
+
+
+def _eval_task(name: str) -> Any:
+    """A built-in zero-shot task's full test split, as the pipeline evaluates it."""
+    from d4c_core.pipeline import EvalTask
+
+    task = _testbed_task(name)
+    images, labels = task.split("test")
+    return EvalTask(task.name, task.classnames, task.templates, images, labels)
+
+
+def cmd_tasks(args: argparse.Namespace) -> int:
+    from d4c_core.testbed.tasks import SPLIT_SIZES, tasks
+
+    rows = [
+        {
+            "name": t.name,
+            "classes": len(t.classnames),
+            "classnames": list(t.classnames),
+            "templates": list(t.templates),
+            "test_images": SPLIT_SIZES["test"],
+        }
+        for t in tasks().values()
+    ]
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            print(f"{r['name']}: {r['classes']} classes, {len(r['templates'])} templates")
     return 0
 
 
@@ -100,9 +159,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from d4c_core.evaluate import zero_shot_folder
     from d4c_core.models import load_clip
 
-    for flag in ("classnames", "templates", "images_dir"):
-        if getattr(args, flag) is None:
-            raise D4CError(f"--{flag.replace('_', '-')} is required")
+    folder = (args.classnames, args.templates, args.images_dir)
+    if args.task and any(folder):
+        raise D4CError("give --task or --classnames/--templates/--images-dir, not both")
+    if not args.task:
+        for flag in ("classnames", "templates", "images_dir"):
+            if getattr(args, flag) is None:
+                raise D4CError(f"--{flag.replace('_', '-')} is required (or --task NAME)")
+    task = _eval_task(args.task) if args.task else None
     _check_cuda(args.device)
     if args.quantized:
         from d4c_core.artifacts import load_quantized
@@ -110,13 +174,27 @@ def cmd_eval(args: argparse.Namespace) -> int:
         q = load_quantized(Path(args.quantized), args.device)
         model, tokenizer, preprocess = q.model, q.tokenizer, q.preprocess
         if q.manifest["model"]["arch"] != args.model:
-            raise D4CError(f"{args.quantized} holds {q.manifest['model']['arch']}, not {args.model}")
+            raise D4CError(
+                f"{args.quantized} holds {q.manifest['model']['arch']}, not {args.model}"
+            )
     else:
         lm = load_clip(_model_spec(args), args.device)
         model, tokenizer, preprocess = lm.model, lm.tokenizer, lm.preprocess
-    res = zero_shot_folder(
-        model, tokenizer, preprocess, Path(args.classnames), Path(args.templates), Path(args.images_dir)
-    )
+    if task is not None:
+        from d4c_core.evaluate import zero_shot
+
+        data = (task.images.to(args.device), task.labels.to(args.device))
+        res = zero_shot(model, tokenizer, task.classnames, task.templates, data)
+        res = {"task": task.name} | res
+    else:
+        res = zero_shot_folder(
+            model,
+            tokenizer,
+            preprocess,
+            Path(args.classnames),
+            Path(args.templates),
+            Path(args.images_dir),
+        )
     print(json.dumps(res))
     return 0
 
@@ -138,10 +216,15 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--calib", default="noise", choices=["noise", "real"])
     q.add_argument("--calib-dir", help="folder of real calibration images (--calib real)")
     q.add_argument("--images", type=int, default=128, help="calibration images")
-    q.add_argument("--recon-iters", type=int, help="reconstruction iterations per unit (default 20000)")
+    q.add_argument(
+        "--recon-iters", type=int, help="reconstruction iterations per unit (default 20000)"
+    )
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", required=True, help="artifact directory to create")
-    q.add_argument("--workdir", help="stage checkpoints (default: .OUT.work beside OUT); rerun resumes")
+    q.add_argument(
+        "--workdir", help="stage checkpoints (default: .OUT.work beside OUT); rerun resumes"
+    )
+    q.add_argument("--task", help="built-in zero-shot task to report FP vs quantized accuracy on")
     q.add_argument("--json", action="store_true", help="one-line JSON summary")
     q.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     q.set_defaults(func=cmd_quantize)
@@ -152,7 +235,15 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--classnames", help="file, one class name per line")
     e.add_argument("--templates", help="file, one template with {c} per line")
     e.add_argument("--images-dir", help="folder with one subfolder per class name")
+    e.add_argument("--task", help="built-in task (see `d4c tasks`): its test split")
+    e.add_argument(
+        "--json", action="store_true", help="JSON output (the default; kept for scripts)"
+    )
     e.set_defaults(func=cmd_eval)
+
+    t = sub.add_parser("tasks", help="list the built-in zero-shot tasks")
+    t.add_argument("--json", action="store_true")
+    t.set_defaults(func=cmd_tasks)
 
     i = sub.add_parser("inspect", help="verify an artifact's checksums and print its summary")
     i.add_argument("out")

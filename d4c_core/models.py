@@ -191,7 +191,9 @@ def load_clip(spec: ModelSpec, device: str | torch.device = "cpu") -> LoadedMode
     register_builtin_archs()
     model = create_architecture(spec.arch)
     if spec.checkpoint is not None:
-        load_state_into(model, read_checkpoint(spec.checkpoint), f"checkpoint {spec.checkpoint.name}")
+        load_state_into(
+            model, read_checkpoint(spec.checkpoint), f"checkpoint {spec.checkpoint.name}"
+        )
     elif spec.pretrained is not None:
         load_state_into(model, _pretrained_state(spec), f"{spec.arch}/{spec.pretrained}")
     else:

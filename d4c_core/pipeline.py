@@ -180,7 +180,6 @@ def run(
 ) -> dict[str, Any]:
     """Run (or resume) the job; write the artifact to ``out_dir`` atomically; return the report."""
     work = Path(workdir)
-    (work / "units").mkdir(parents=True, exist_ok=True)
     prog = _Progress(on_progress, should_cancel)
     recipe = job.recipe
     torch.manual_seed(recipe.seed)
@@ -188,6 +187,7 @@ def run(
     t0 = time.perf_counter()
     prog.at("load", 0.0)
     loaded = load_clip(job.model, job.device)
+    (work / "units").mkdir(parents=True, exist_ok=True)  # only once the inputs are valid
     prog.timings["load"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

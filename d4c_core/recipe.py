@@ -199,7 +199,9 @@ class Recipe(_Versioned):
 
     def __post_init__(self) -> None:
         if self.version != self.VERSION:
-            raise SpecError(f"recipe version {self.version} not supported (expected {self.VERSION})")
+            raise SpecError(
+                f"recipe version {self.version} not supported (expected {self.VERSION})"
+            )
         _check_types(self)
 
     @classmethod

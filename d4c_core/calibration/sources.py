@@ -17,7 +17,7 @@ from torch import Tensor
 
 from d4c_core.calibration.prompts import calibration_prompts
 from d4c_core.errors import CalibrationError
-from d4c_core.models import LoadedModel
+from d4c_core.models import BUILTIN_ARCHS, LoadedModel
 from d4c_core.recipe import CalibrationRecipe
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".webp"})
@@ -119,6 +119,15 @@ def make_calibration(
 
 
 def make_text_calibration(loaded: LoadedModel, recipe: CalibrationRecipe, seed: int) -> Tensor:
-    """Token ids ``(num_prompts, context_length)`` of the seeded calibration prompts."""
-    prompts = calibration_prompts(recipe.classnames, recipe.templates, recipe.num_prompts, seed)
+    """Token ids ``(num_prompts, context_length)`` of the seeded calibration prompts.
+
+    Without a prompt set in the recipe, real CLIPs use the built-in generic names; the tiny
+    built-in models use the generic set they ship (training concepts outside every task).
+    """
+    names, templates = recipe.classnames, recipe.templates
+    if not names and loaded.spec.arch in BUILTIN_ARCHS:
+        from d4c_core.testbed.tasks import TEMPLATES, generic_prompts
+
+        names, templates = generic_prompts(), templates or TEMPLATES
+    prompts = calibration_prompts(names, templates, recipe.num_prompts, seed)
     return loaded.tokenizer(prompts).to(model_device(loaded.model))

@@ -231,7 +231,7 @@ def test_fp_weights_not_in_artifact(exported) -> None:
     names = [i.name for i in quant_layers(q)]
     with safe_open(str(d / MODEL_FILE), framework="pt") as f:
         keys = set(f.keys())
-        meta = f.metadata()
+        meta = json.loads(f.metadata()["d4c"])
         for n in names:
             assert f"{n}.weight" not in keys and f"{n}.weight_quant.alpha" not in keys
             assert f.get_tensor(f"{n}.qweight").dtype == torch.uint8

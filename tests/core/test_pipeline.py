@@ -102,6 +102,7 @@ def test_resume_after_interruption_gives_same_artifact(
     assert [u.get("resumed", False) for u in report["units"]][:6] == [True] * 5 + [False]
     straight = uninterrupted[0]
     assert _sha(tmp_path / "out" / "model.safetensors") == _sha(straight / "model.safetensors")
+    assert _sha(tmp_path / "out" / "calibration.png") == _sha(straight / "calibration.png")
 
 
 def test_changed_recipe_does_not_reuse_stale_units(tmp_path: Path) -> None:
