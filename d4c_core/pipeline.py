@@ -22,6 +22,7 @@ from typing import Any
 
 import open_clip
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
@@ -30,6 +31,7 @@ from d4c_core.calibration import make_calibration, make_text_calibration, save_c
 from d4c_core.errors import Cancelled
 from d4c_core.evaluate import embedding_cosine_fp_mode, layer_sqnr, zero_shot
 from d4c_core.models import LoadedModel, ModelSpec, load_clip
+from d4c_core.quant.quantizers import RoundMode
 from d4c_core.quant.range_init import init_ranges
 from d4c_core.quant.reconstruct import (
     Unit,
@@ -39,7 +41,7 @@ from d4c_core.quant.reconstruct import (
     unit_state,
     units,
 )
-from d4c_core.quant.wrap import fp_mode, quantize_
+from d4c_core.quant.wrap import fp_mode, quantize_, set_quant_state, set_round_mode
 from d4c_core.recipe import Recipe
 
 log = logging.getLogger("d4c.pipeline")
@@ -127,8 +129,6 @@ def _save(path: Path, tensors: dict[str, Tensor], key: str) -> None:
 def _load(path: Path, key: str) -> dict[str, Tensor] | None:
     if not path.is_file():
         return None
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), "pt") as f:
             if (f.metadata() or {}).get("key") != key:
@@ -153,6 +153,7 @@ def _calibration(
         ]
     key = _key("calibration", loaded.fingerprint, cal.to_dict(), job.recipe.seed, listing)
     path = work / "calibration.safetensors"
+    sheet = work / "calibration.png"
     state = _load(path, key)
     if state is None:
         prog.at("calibration", 0.0)
@@ -160,9 +161,10 @@ def _calibration(
         tokens = make_text_calibration(loaded, cal, seed=job.recipe.seed)
         _save(path, {"images": images, "tokens": tokens}, key)
         state = {"images": images, "tokens": tokens}
-    if not (work / "calibration.png").is_file() or not path.is_file():
+        sheet.unlink(missing_ok=True)  # a sheet of older calibration data would be stale
+    if not sheet.is_file():
         cfg = open_clip.get_model_preprocess_cfg(loaded.model)
-        save_contact_sheet(state["images"].cpu(), work / "calibration.png", cfg["mean"], cfg["std"])
+        save_contact_sheet(state["images"].cpu(), sheet, cfg["mean"], cfg["std"])
     images, tokens = state["images"].to(job.device), state["tokens"].to(job.device)
     return images, tokens, tensor_digest(images, tokens)
 
@@ -251,8 +253,6 @@ def run(
 
 def init_ranges_from_state(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
     """Restore a range-init checkpoint and switch quantization on, as ``init_ranges`` ends."""
-    from d4c_core.quant.quantizers import RoundMode
-    from d4c_core.quant.wrap import set_quant_state, set_round_mode
 
     missing = set(_quant_state(model)) - set(state)
     if missing:
