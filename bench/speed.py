@@ -1,10 +1,17 @@
-"""Speed benchmark: per-stage wall time, artifact size ratios, reconstruction cost ratio.
+"""Speed benchmark: per-stage wall time, artifact size ratios, reconstruction cost ratio,
+D4C synthesis cost.
 
-    python bench/speed.py [--recon-iters 1000] [--ratio-iters 300]
+    python bench/speed.py [--recon-iters 1000] [--ratio-iters 300] [--synth-ratio-reps 100]
+    python bench/speed.py --sections synth,synth-real,recon --device cuda --synth-real-iters 3
 
 Prints a markdown section for BENCHMARKS.md. The reconstruction ratio is the time of one
 AdaRound+LSQ iteration of a unit divided by one bare FP forward+backward of the same unit on
 the same batch (weights requiring grad), both measured in this process, interleaved.
+The synthesis ratio is the time of one full D4C step (batch 16 of 128 images: crop, PAE,
+background, encoder, loss, TV, backward, Adam) divided by one bare image-encoder
+forward+backward to the pixels of the same fore- and background views, interleaved.
+``--synth-real`` times whole D4C outer iterations of RN50 and ViT-B/32 (random init) and
+projects the reference budget (3000 outer x 128 images); rows print as they finish.
 """
 
 from __future__ import annotations
@@ -13,24 +20,36 @@ import argparse
 import copy
 import datetime
 import platform
+import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from d4c_core.artifacts import weight_bytes
+from d4c_core.calibration.d4c import D4CObjective
+from d4c_core.calibration.synthesis import (
+    PixelOptimizer,
+    autocast,
+    frozen,
+    to_encoder_layout,
+)
 from d4c_core.models import ModelSpec, load_clip
 from d4c_core.pipeline import JobSpec, run
 from d4c_core.quant.range_init import init_ranges
 from d4c_core.quant.reconstruct import Unit, optimize_unit, unit_data, unit_loss, units
 from d4c_core.quant.wrap import QuantLayer, fp_mode, quantize_
-from d4c_core.recipe import QuantRecipe, Recipe
+from d4c_core.recipe import CalibrationRecipe, QuantRecipe, Recipe, SynthRecipe
 
 ARCHS = ("d4c-tiny-vit", "d4c-tiny-rn")
+# Reference README, one RTX A6000, 128 images, 3000 outer iterations x batch 16.
+REFERENCE_SYNTH_S = {"RN50": 1623.0, "ViT-B-32": 1434.0}
 STAGES = ("load", "calibration", "range_init", "reconstruction", "evaluation", "export")
 
 
@@ -70,17 +89,24 @@ def size_ratios(root: Path) -> list[str]:
 def _time(fn: Callable[[], None], n: int) -> float:
     for _ in range(5):
         fn()
+    _sync_all()
     t0 = time.perf_counter()
     for _ in range(n):
         fn()
+    _sync_all()
     return (time.perf_counter() - t0) / n
 
 
-def _big_unit() -> tuple[Unit, torch.Tensor, torch.Tensor]:
+def _sync_all() -> None:
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def _big_unit(device: str) -> tuple[Unit, torch.Tensor, torch.Tensor]:
     """A ViT-B/32-sized first MLP layer (768 -> 3072, 50 tokens): where real jobs spend time."""
-    lin = nn.Linear(768, 3072)
-    layer = QuantLayer(lin, 4, 8, per_channel_input=True)
-    x = torch.randn(128, 50, 768)
+    lin = nn.Linear(768, 3072).to(device)
+    layer = QuantLayer(lin, 4, 8, per_channel_input=True).to(device)
+    x = torch.randn(128, 50, 768, device=device)
     with torch.no_grad():
         y = lin(x)
     layer.act_quant.observe(x[:32])
@@ -89,30 +115,33 @@ def _big_unit() -> tuple[Unit, torch.Tensor, torch.Tensor]:
     return Unit(0, "vit-b-32-size mlp.c_fc", "image", layer, [layer]), x, y
 
 
-def recon_ratio(iters: int) -> list[str]:
+def recon_ratio(iters: int, device: str = "cpu") -> list[str]:
     rows = [
         "| unit | input shape | AdaRound+LSQ ms/iter | bare fwd+bwd ms | ratio |",
         "|---|---|---|---|---|",
     ]
     cases: list[tuple[str, Unit, torch.Tensor, torch.Tensor, int]] = []
     for arch, picks in (("d4c-tiny-vit", (0, 3, 4, 5)), ("d4c-tiny-rn", (0, 7, 8))):
-        lm = load_clip(ModelSpec(arch))
+        lm = load_clip(ModelSpec(arch), device)
         recipe = QuantRecipe(mse_candidates=20)
         model = quantize_(copy.deepcopy(lm.model), recipe)
         g = torch.Generator().manual_seed(0)
-        images = torch.randn(128, 3, lm.image_size, lm.image_size, generator=g)
-        tokens = lm.tokenizer(["a photo of a cat."] * 64)
+        images = torch.randn(128, 3, lm.image_size, lm.image_size, generator=g).to(device)
+        tokens = lm.tokenizer(["a photo of a cat."] * 64).to(device)
         init_ranges(model, images, tokens, recipe)
         us = units(model)
         for k in picks:
             x, y = unit_data(model, us[k], images, tokens, 64)
             cases.append((f"{arch} {us[k].name}", us[k], x, y, iters))
-    unit, x, y = _big_unit()
+    unit, x, y = _big_unit(device)
     cases.append(("ViT-B/32-size mlp.c_fc (768→3072)", unit, x, y, max(10, iters // 5)))
     for name, unit, x, y, n in cases:
         recipe = QuantRecipe(recon_iters=n)
+        optimize_unit(unit, x, y, QuantRecipe(recon_iters=5), 0)  # warm-up (allocator, cuDNN)
+        _sync(x.device)
         t0 = time.perf_counter()
         optimize_unit(unit, x, y, recipe, 0)
+        _sync(x.device)
         t_opt = (time.perf_counter() - t0) / n
         bare = copy.deepcopy(unit.module)
         gen = torch.Generator().manual_seed(0)
@@ -139,34 +168,171 @@ def recon_ratio(iters: int) -> list[str]:
     return rows
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _d4c_case(arch: str, device: str, pretrained: str | None) -> tuple[PixelOptimizer, Any]:
+    lm = load_clip(ModelSpec(arch, pretrained=pretrained), device)
+    recipe = CalibrationRecipe(method="d4c", num_images=128, synth=SynthRecipe(batch=16))
+    objective = D4CObjective(lm, recipe, seed=0)
+    return PixelOptimizer(lm.model, recipe, lm.image_size, objective, seed=0), lm
+
+
+def _bare_views(opt: PixelOptimizer) -> torch.Tensor:
+    """The fore- and background views one D4C step encodes, as a fresh leaf tensor."""
+    obj: D4CObjective = opt.objective  # type: ignore[assignment]
+    x, sl = opt.params[0][opt.slices[0]].detach(), opt.slices[0]
+    fg = torch.nn.functional.grid_sample(x, obj.grid[sl], align_corners=False)
+    bg = x * obj.keep[sl]
+    return torch.cat([fg, bg]).requires_grad_(True)
+
+
+def synth_step_ratio(
+    arch: str, reps: int, device: str = "cpu", pretrained: str | None = None
+) -> tuple[float, float]:
+    """(D4C step ms, bare encoder fwd+bwd ms), measured alternately, medians of ``reps``."""
+    opt, lm = _d4c_case(arch, device, pretrained)
+    dev = opt.device
+    views = _bare_views(opt)
+    encode = lm.model.encode_image
+
+    def bare() -> None:
+        with autocast(dev):
+            feats = encode(to_encoder_layout(views))
+        feats.float().sum().backward()
+        views.grad = None
+
+    t_step, t_bare = [], []
+    n = len(opt.slices)
+    with frozen(lm.model):
+        for i in range(reps + 5):
+            for fn, acc in ((lambda i=i: opt.step(i % n), t_step), (bare, t_bare)):
+                _sync(dev)
+                t0 = time.perf_counter()
+                fn()
+                _sync(dev)
+                if i >= 5:
+                    acc.append(time.perf_counter() - t0)
+    return statistics.median(t_step) * 1e3, statistics.median(t_bare) * 1e3
+
+
+def synth_ratio(reps: int, device: str = "cpu") -> None:
+    """Print the step/bare table of both tiny models, one row as each is measured."""
+    print("| model | D4C step ms | bare encoder fwd+bwd ms (fg+bg) | ratio |", flush=True)
+    print("|---|---|---|---|", flush=True)
+    for arch in ARCHS:
+        step, bare = synth_step_ratio(arch, reps, device, pretrained="builtin")
+        print(f"| {arch} | {step:.2f} | {bare:.2f} | {step / bare:.2f} |", flush=True)
+
+
+def synth_real(iters: int, device: str, images: int) -> None:
+    """Time D4C outer iterations on real-size towers; print one row per model as it ends."""
+    print(
+        "| model | device | outer iters x images | s | image-steps/s | projected 3000x128 s "
+        "| reference A6000 s | step/bare ratio |",
+        flush=True,
+    )
+    print("|---|---|---|---|---|---|---|---|", flush=True)
+    for arch in REFERENCE_SYNTH_S:
+        try:
+            lm = load_clip(ModelSpec(arch), device)
+            recipe = CalibrationRecipe(method="d4c", num_images=images, synth=SynthRecipe(batch=16))
+            opt = PixelOptimizer(lm.model, recipe, lm.image_size, D4CObjective(lm, recipe, 0), 0)
+            n = len(opt.slices)
+            with frozen(lm.model):
+                opt.step(0)  # warm-up (cuDNN autotuning, allocator)
+                _sync(opt.device)
+                t0 = time.perf_counter()
+                for _ in range(iters):
+                    for k in range(n):
+                        opt.step(k)
+                _sync(opt.device)
+            dt = time.perf_counter() - t0
+            rate = iters * images / dt
+            step, bare = synth_step_ratio(arch, max(3, min(20, iters * n)), device)
+            print(
+                f"| {arch} | {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'} "
+                f"| {iters} x {images} | {dt:.1f} | {rate:.1f} | {3000 * 128 / rate:,.0f} "
+                f"| {REFERENCE_SYNTH_S[arch]:,.0f} | {step / bare:.2f} |",
+                flush=True,
+            )
+        except Exception as e:  # report and go on: a GPU run is one short, precious script
+            print(f"| {arch} | {device} | failed: {type(e).__name__}: {e} |", flush=True)
+        finally:
+            if device == "cuda":
+                torch.cuda.empty_cache()
+
+
+SECTIONS = ("stages", "sizes", "recon", "synth", "synth-real")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument(
+        "--sections",
+        default="stages,sizes,recon,synth",
+        help=f"comma list of {', '.join(SECTIONS)} (synth-real: RN50 / ViT-B-32 synthesis)",
+    )
     ap.add_argument("--recon-iters", type=int, default=1000)
     ap.add_argument("--ratio-iters", type=int, default=300)
+    ap.add_argument("--synth-ratio-reps", type=int, default=100)
+    ap.add_argument("--synth-real-iters", type=int, default=3, help="outer iterations timed")
+    ap.add_argument("--synth-real-images", type=int, default=128)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = ap.parse_args()
+    sections = set(args.sections.split(","))
+    if sections - set(SECTIONS):
+        ap.error(f"unknown sections {sorted(sections - set(SECTIONS))}; use {', '.join(SECTIONS)}")
     rev = subprocess.run(
         ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
     ).stdout.strip()
-    cmd = f"python bench/speed.py --recon-iters {args.recon_iters} --ratio-iters {args.ratio_iters}"
-    print(f"### Speed (`{cmd}`)\n")
+    cmd = "python bench/speed.py " + " ".join(sys.argv[1:])
+    dev = torch.cuda.get_device_name() if args.device == "cuda" else "CPU"
+    print(f"### Speed (`{cmd.strip()}`)\n")
     print(
         f"{datetime.date.today()}, git {rev}, {platform.processor() or platform.machine()}, "
-        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, CPU only.\n"
+        f"{torch.get_num_threads()} torch threads, torch {torch.__version__}, "
+        f"device {args.device} ({dev}).\n",
+        flush=True,
     )
     with tempfile.TemporaryDirectory() as d:
         root = Path(d)
+        if "stages" in sections:
+            print(
+                f"Per-stage wall time (s), W4A8, noise calibration, {args.recon_iters} "
+                "reconstruction iterations per unit:\n"
+            )
+            print("\n".join(stage_times(args.recon_iters, root)) + "\n", flush=True)
+        if "sizes" in sections:
+            print(
+                "Artifact size of the quantized linear/conv weights (codes + fp16 scales + "
+                "uint8 zero points) vs their FP32 bytes:\n"
+            )
+            print("\n".join(size_ratios(root)) + "\n", flush=True)
+    if "recon" in sections:
         print(
-            f"Per-stage wall time (s), W4A8, noise calibration, {args.recon_iters} "
-            "reconstruction iterations per unit:\n"
+            f"Reconstruction cost per iteration ({args.ratio_iters} iterations, batch 32, "
+            f"{args.device}):\n"
         )
-        print("\n".join(stage_times(args.recon_iters, root)) + "\n")
+        print("\n".join(recon_ratio(args.ratio_iters, args.device)) + "\n", flush=True)
+    if "synth" in sections:
         print(
-            "Artifact size of the quantized linear/conv weights (codes + fp16 scales + uint8 "
-            "zero points) vs their FP32 bytes:\n"
+            f"D4C synthesis step vs bare image-encoder forward+backward ({args.device}, batch 16 "
+            f"of 128, full D4C, medians of {args.synth_ratio_reps} interleaved repetitions):\n",
+            flush=True,
         )
-        print("\n".join(size_ratios(root)) + "\n")
-    print(f"Reconstruction cost per iteration ({args.ratio_iters} iterations, batch 32):\n")
-    print("\n".join(recon_ratio(args.ratio_iters)))
+        synth_ratio(args.synth_ratio_reps, args.device)
+    if "synth-real" in sections:
+        print(
+            f"\nD4C synthesis on real-size towers (random init, {args.device}, "
+            f"{'bf16 autocast, channels_last, ' if args.device == 'cuda' else ''}"
+            f"batch 16, {args.synth_real_iters} outer iterations timed after one warm-up "
+            "step):\n",
+            flush=True,
+        )
+        synth_real(args.synth_real_iters, args.device, args.synth_real_images)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import logging
 import shutil
 import sys
 from collections.abc import Sequence
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +62,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_quantize(args: argparse.Namespace) -> int:
     from d4c_core.pipeline import JobSpec, run
-    from d4c_core.recipe import CalibrationRecipe, QuantRecipe, Recipe, parse_bits
+    from d4c_core.recipe import QuantRecipe, Recipe, parse_bits
 
     w, a = parse_bits(args.bits)
     quant: dict[str, Any] = {"weight_bits": w, "act_bits": a}
@@ -70,7 +71,7 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     recipe = Recipe(
         seed=args.seed,
         quant=QuantRecipe(**quant),
-        calibration=CalibrationRecipe(method=args.calib, num_images=args.images),
+        calibration=_calibration_recipe(args),
     )
     calib_dir = Path(args.calib_dir) if args.calib_dir else None
     if args.calib == "real" and calib_dir is None:
@@ -97,6 +98,47 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     summary = {"out": str(out), "timings": report["timings"], "metrics": report["metrics"]}
     print(json.dumps(summary, indent=None if args.json else 2))
     return 0
+
+
+def _calibration_recipe(args: argparse.Namespace) -> Any:
+    """The calibration part of the recipe; synthesis flags only go with a synthesizing method."""
+    from d4c_core.calibration import check_method
+    from d4c_core.evaluate import read_lines
+    from d4c_core.recipe import CalibrationRecipe, SynthRecipe
+
+    synth: dict[str, Any] = {}
+    if args.synth_iters is not None:
+        synth["iters"] = args.synth_iters
+    if args.synth_batch is not None:
+        synth["batch"] = args.synth_batch
+    if args.per_batch_adam:
+        synth["per_batch_adam"] = True
+    if args.d4c_components is not None:
+        if args.calib != "d4c":
+            raise D4CError("--d4c-components needs --calib d4c")
+        synth["components"] = tuple(c.strip() for c in args.d4c_components.split(",") if c.strip())
+    if synth and args.calib not in SYNTH_METHODS:
+        flags = ", ".join(sorted(SYNTH_FLAGS[k] for k in synth))
+        raise D4CError(f"{flags}: only for --calib {'|'.join(SYNTH_METHODS)}, not {args.calib}")
+    check_method(args.model, args.calib)
+    names = tuple(read_lines(Path(args.prompts))) if args.prompts else ()
+    templates = tuple(read_lines(Path(args.prompt_templates))) if args.prompt_templates else ()
+    return CalibrationRecipe(
+        method=args.calib,
+        num_images=args.images,
+        classnames=names,
+        templates=templates,
+        synth=SynthRecipe(**synth),
+    )
+
+
+SYNTH_METHODS = ("bns", "pse", "d4c")
+SYNTH_FLAGS = {
+    "iters": "--synth-iters",
+    "batch": "--synth-batch",
+    "per_batch_adam": "--per-batch-adam",
+    "components": "--d4c-components",
+}
 
 
 def _check_replaceable(path: Path, flag: str, marker: str, what: str) -> None:
@@ -213,9 +255,26 @@ def build_parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a CLIP and write an artifact directory")
     _add_model_args(q)
     q.add_argument("--bits", default="w4a8", help="wXaY, X and Y in 2..8 (w4a8, w6a6, w8a8)")
-    q.add_argument("--calib", default="noise", choices=["noise", "real"])
+    q.add_argument("--calib", default="noise", choices=["noise", "real", "bns", "pse", "d4c"])
     q.add_argument("--calib-dir", help="folder of real calibration images (--calib real)")
     q.add_argument("--images", type=int, default=128, help="calibration images")
+    q.add_argument(
+        "--synth-iters", type=int, help="synthesis outer iterations (bns|pse|d4c; default 3000)"
+    )
+    q.add_argument("--synth-batch", type=int, help="synthesis mini-batch (default 16)")
+    q.add_argument(
+        "--d4c-components",
+        help="D4C ablation: pgsi | pgsi,scg | pgsi,pae | pgsi,scg,pae (default)",
+    )
+    q.add_argument(
+        "--per-batch-adam",
+        action="store_true",
+        help="one Adam state per synthesis mini-batch (fixes the reference's shared-Adam drift)",
+    )
+    q.add_argument("--prompts", help="file, one class name per line: calibration/D4C prompts")
+    q.add_argument(
+        "--prompt-templates", help="file, one template with {c} per line (with --prompts or alone)"
+    )
     q.add_argument(
         "--recon-iters", type=int, help="reconstruction iterations per unit (default 20000)"
     )
@@ -248,6 +307,11 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="verify an artifact's checksums and print its summary")
     i.add_argument("out")
     i.set_defaults(func=cmd_inspect)
+
+    # Installed plugins (the service's serve/worker/db/keys) add their own subcommands here;
+    # the core never imports them.
+    for ep in entry_points(group="d4c.cli"):
+        ep.load()(sub)
     return p
 
 

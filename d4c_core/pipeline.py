@@ -151,13 +151,23 @@ def _calibration(
             (str(p.relative_to(job.calib_dir)), p.stat().st_size)
             for p in list_images(job.calib_dir)
         ]
-    key = _key("calibration", loaded.fingerprint, cal.to_dict(), job.recipe.seed, listing)
+    cal_dict = cal.to_dict()
+    if cal.method in ("noise", "real"):  # synthesis settings do not change these images
+        cal_dict.pop("synth")
+    key = _key("calibration", loaded.fingerprint, cal_dict, job.recipe.seed, listing)
     path = work / "calibration.safetensors"
     sheet = work / "calibration.png"
     state = _load(path, key)
     if state is None:
         prog.at("calibration", 0.0)
-        images = make_calibration(loaded, cal, seed=job.recipe.seed, image_dir=job.calib_dir)
+        images = make_calibration(
+            loaded,
+            cal,
+            seed=job.recipe.seed,
+            image_dir=job.calib_dir,
+            # Synthesis reports (and checks for cancel) at most once per 1% of its steps.
+            on_step=lambda frac: prog.at("calibration", frac),
+        )
         tokens = make_text_calibration(loaded, cal, seed=job.recipe.seed)
         _save(path, {"images": images, "tokens": tokens}, key)
         state = {"images": images, "tokens": tokens}

@@ -19,7 +19,15 @@ from d4c_core.errors import SpecError
 
 BIT_RANGE = range(2, 9)
 PRESETS = {"w4a8": (4, 8), "w6a6": (6, 6), "w8a8": (8, 8), "w4a4": (4, 4)}
-CALIB_METHODS = ("noise", "real")
+CALIB_METHODS = ("noise", "real", "bns", "pse", "d4c")
+# D4C ablations of the paper (method spec §2); PGSI is always on, PAE/SCG switch.
+D4C_COMPONENTS = ("pgsi", "scg", "pae")
+D4C_ABLATIONS = (
+    frozenset({"pgsi"}),
+    frozenset({"pgsi", "scg"}),
+    frozenset({"pgsi", "pae"}),
+    frozenset({"pgsi", "scg", "pae"}),
+)
 
 
 def parse_bits(bits: str | dict[str, int] | tuple[int, int]) -> tuple[int, int]:
@@ -165,6 +173,56 @@ class QuantRecipe(_Versioned):
 
 
 @dataclass(frozen=True)
+class SynthRecipe(_Versioned):
+    """Image synthesis for bns/pse/d4c (method spec §2-§3). Defaults are the reference's.
+
+    ``iters`` counts outer iterations, each a pass over all images in mini-batches of
+    ``batch``. ``per_batch_adam`` fixes the reference's shared-Adam quirk (one Adam over all
+    images lets the ones outside the mini-batch drift on stale momentum); default off so
+    results compare with the paper.
+    """
+
+    iters: int = 3000
+    batch: int = 16
+    lr: float = 0.01
+    tv_weight: float = 0.1
+    temperature: float = 0.1
+    components: tuple[str, ...] = D4C_COMPONENTS
+    per_batch_adam: bool = False
+    # SCG: one square box per image covering a uniform crop_min..crop_max of its area.
+    crop_min: float = 0.4
+    crop_max: float = 0.7
+    bg_noise: float = 0.1
+    # PSE: Gaussian KDE of patch similarities.
+    kde_bandwidth: float = 0.01
+    kde_points: int = 10
+
+    def __post_init__(self) -> None:
+        _check_types(self)
+        _positive(self, "batch", "lr", "temperature", "kde_bandwidth")
+        if self.iters < 0:
+            raise SpecError("SynthRecipe.iters must be >= 0")
+        for n in ("tv_weight", "bg_noise"):
+            if getattr(self, n) < 0:
+                raise SpecError(f"SynthRecipe.{n} must be >= 0")
+        if not 0 < self.crop_min <= self.crop_max <= 1:
+            raise SpecError("SynthRecipe needs 0 < crop_min <= crop_max <= 1")
+        if self.kde_points < 2:
+            raise SpecError("SynthRecipe.kde_points must be >= 2")
+        comps = frozenset(self.components)
+        if len(comps) != len(self.components) or comps not in D4C_ABLATIONS:
+            allowed = " | ".join(
+                ",".join(c for c in D4C_COMPONENTS if c in a) for a in D4C_ABLATIONS
+            )
+            raise SpecError(
+                f"D4C components {','.join(self.components) or '(none)'} are not a valid "
+                f"ablation; one of {allowed}"
+            )
+        # Canonical order, so the same ablation always keys the same cached calibration.
+        object.__setattr__(self, "components", tuple(c for c in D4C_COMPONENTS if c in comps))
+
+
+@dataclass(frozen=True)
 class CalibrationRecipe(_Versioned):
     """Where calibration images and prompts come from (method spec §4, last line)."""
 
@@ -174,9 +232,13 @@ class CalibrationRecipe(_Versioned):
     # Prompt set for the text tower; empty means the built-in generic set.
     classnames: tuple[str, ...] = ()
     templates: tuple[str, ...] = ()
+    # Synthesis budget and hyper-parameters (used by bns, pse and d4c only).
+    synth: SynthRecipe = field(default_factory=SynthRecipe)
 
     def __post_init__(self) -> None:
         _check_types(self)
+        if not isinstance(self.synth, SynthRecipe):
+            raise SpecError("CalibrationRecipe.synth must be a SynthRecipe object")
         if self.method not in CALIB_METHODS:
             raise SpecError(
                 f"calibration method {self.method!r} unknown; one of {', '.join(CALIB_METHODS)}"
@@ -210,15 +272,21 @@ class Recipe(_Versioned):
         return cls(quant=QuantRecipe(weight_bits=w, act_bits=a, **quant))
 
     def replace(self, **changes: Any) -> Recipe:
-        """Nested replace: ``r.replace(seed=1, quant={"recon_iters": 10})``."""
-        out: dict[str, Any] = {}
-        for k, v in changes.items():
-            cur = getattr(self, k)
-            out[k] = dataclasses.replace(cur, **v) if isinstance(v, dict) else v
-        return dataclasses.replace(self, **out)
+        """Nested replace: ``r.replace(seed=1, calibration={"synth": {"iters": 10}})``."""
+        return _replace(self, changes)
+
+
+def _replace(obj: Any, changes: dict[str, Any]) -> Any:
+    """``dataclasses.replace`` where a dict value for a sub-recipe replaces inside it."""
+    out: dict[str, Any] = {}
+    for k, v in changes.items():
+        cur = getattr(obj, k)
+        out[k] = _replace(cur, v) if isinstance(v, dict) and dataclasses.is_dataclass(cur) else v
+    return dataclasses.replace(obj, **out)
 
 
 _SUBRECIPES: dict[tuple[str, str], type[_Versioned]] = {
     ("Recipe", "quant"): QuantRecipe,
     ("Recipe", "calibration"): CalibrationRecipe,
+    ("CalibrationRecipe", "synth"): SynthRecipe,
 }

@@ -8,6 +8,7 @@ from d4c_core.calibration.sources import (
     make_calibration,
     make_text_calibration,
 )
+from d4c_core.calibration.towers import check_method
 
 __all__ = [
     "DEFAULT_TEMPLATES",
@@ -15,6 +16,7 @@ __all__ = [
     "SOURCES",
     "CalibrationSource",
     "calibration_prompts",
+    "check_method",
     "make_calibration",
     "make_text_calibration",
     "save_contact_sheet",

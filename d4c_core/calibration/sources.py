@@ -1,13 +1,15 @@
 """Calibration sources: where the images that drive range init and reconstruction come from.
 
-A source is a function ``(loaded, recipe, *, seed, image_dir) -> (N, 3, H, W)`` in CLIP's
-normalized input space at the model's resolution. ``SOURCES`` maps ``recipe.method`` to one;
-``make_calibration`` is the single entry point, so synthesis methods (bns, pse, d4c) plug in
-by adding a registry entry, without callers changing.
+A source is a function ``(loaded, recipe, *, seed, image_dir, on_step) -> (N, 3, H, W)`` in
+CLIP's normalized input space at the model's resolution; ``on_step(fraction)`` reports the
+progress of long (synthesizing) sources and may raise to cancel them. ``SOURCES`` maps
+``recipe.method`` to one; ``make_calibration`` is the single entry point, so synthesis
+methods (bns, pse, d4c) plug in by adding a registry entry, without callers changing.
 """
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 from typing import Protocol
 
@@ -15,7 +17,11 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from d4c_core.calibration.bns import bns_source
+from d4c_core.calibration.d4c import d4c_source
 from d4c_core.calibration.prompts import calibration_prompts
+from d4c_core.calibration.pse import pse_source
+from d4c_core.calibration.synthesis import ProgressCallback, initial_images
 from d4c_core.errors import CalibrationError
 from d4c_core.models import BUILTIN_ARCHS, LoadedModel
 from d4c_core.recipe import CalibrationRecipe
@@ -31,6 +37,7 @@ class CalibrationSource(Protocol):
         *,
         seed: int,
         image_dir: Path | None,
+        on_step: ProgressCallback | None = None,
     ) -> Tensor: ...
 
 
@@ -53,18 +60,28 @@ def load_rgb(path: Path) -> Image.Image:
 
 
 def noise_source(
-    loaded: LoadedModel, recipe: CalibrationRecipe, *, seed: int, image_dir: Path | None = None
+    loaded: LoadedModel,
+    recipe: CalibrationRecipe,
+    *,
+    seed: int,
+    image_dir: Path | None = None,
+    on_step: ProgressCallback | None = None,
 ) -> Tensor:
-    """N(0, 1) in normalized space, not optimized (method spec: the noise baseline)."""
-    size = loaded.image_size
-    gen = torch.Generator().manual_seed(seed)
-    # Drawn on CPU so the same seed gives the same images whatever the model's device.
-    x = torch.randn((recipe.num_images, 3, size, size), generator=gen, dtype=torch.float32)
+    """N(0, 1) in normalized space, not optimized (method spec: the noise baseline).
+
+    The same tensor is where every synthesizing source starts from.
+    """
+    x = initial_images(recipe.num_images, loaded.image_size, seed)
     return x.to(model_device(loaded.model))
 
 
 def real_source(
-    loaded: LoadedModel, recipe: CalibrationRecipe, *, seed: int, image_dir: Path | None = None
+    loaded: LoadedModel,
+    recipe: CalibrationRecipe,
+    *,
+    seed: int,
+    image_dir: Path | None = None,
+    on_step: ProgressCallback | None = None,
 ) -> Tensor:
     """``num_images`` files picked by a seeded permutation from a folder, CLIP-preprocessed."""
     if image_dir is None:
@@ -94,7 +111,16 @@ def real_source(
 SOURCES: dict[str, CalibrationSource] = {
     "noise": noise_source,
     "real": real_source,
+    "bns": bns_source,
+    "pse": pse_source,
+    "d4c": d4c_source,
 }
+
+
+def _takes_on_step(source: CalibrationSource) -> bool:
+    """Sources written before progress reporting (no ``on_step``) keep working."""
+    params = inspect.signature(source).parameters.values()
+    return any(p.name == "on_step" or p.kind is p.VAR_KEYWORD for p in params)
 
 
 def make_calibration(
@@ -103,6 +129,7 @@ def make_calibration(
     *,
     seed: int,
     image_dir: Path | None = None,
+    on_step: ProgressCallback | None = None,
 ) -> Tensor:
     """Calibration images ``(num_images, 3, H, W)`` float32 for ``recipe.method``."""
     source = SOURCES.get(recipe.method)
@@ -110,7 +137,8 @@ def make_calibration(
         raise CalibrationError(
             f"no calibration source {recipe.method!r}; available: {', '.join(sorted(SOURCES))}"
         )
-    images = source(loaded, recipe, seed=seed, image_dir=image_dir)
+    extra = {"on_step": on_step} if on_step is not None and _takes_on_step(source) else {}
+    images = source(loaded, recipe, seed=seed, image_dir=image_dir, **extra)
     size = loaded.image_size
     expected = (recipe.num_images, 3, size, size)
     if tuple(images.shape) != expected:  # a source bug, not a user error

@@ -168,10 +168,14 @@ def optimize_unit(
             )
             act_group = opt.param_groups[1]
             gen = torch.Generator().manual_seed(seed)
-            n = len(inputs)
+            # Drawn at once on the CPU (the same stream as one draw per iteration), moved once:
+            # no host-to-device copy per iteration on a GPU.
+            batches = torch.randint(
+                0, len(inputs), (iters, recipe.recon_batch), generator=gen
+            ).to(inputs.device)
             with torch.enable_grad():
                 for it in range(iters):
-                    idx = torch.randint(0, n, (recipe.recon_batch,), generator=gen)
+                    idx = batches[it]
                     loss = unit_loss(unit.module(inputs[idx]), targets[idx])
                     b = b_schedule(it, iters, recipe)
                     if b is not None:

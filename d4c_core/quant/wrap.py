@@ -217,6 +217,8 @@ def quantize_(model: nn.Module, recipe: QuantRecipe) -> nn.Module:
     Quantizers start disabled: the model computes FP until range init switches them on.
     """
     w, a = recipe.weight_bits, recipe.act_bits
+    # New modules (split projections, quantizer state) are built on the CPU.
+    device = next(model.parameters()).device
     visual = model.visual
     if recipe.quantize_image:
         if isinstance(visual, VisionTransformer):
@@ -236,7 +238,7 @@ def quantize_(model: nn.Module, recipe: QuantRecipe) -> nn.Module:
             )
         m = recipe.text_mlp_bits
         _wrap_transformer_blocks(model.transformer, w, a, (m, m))
-    return model
+    return model.to(device)
 
 
 def quant_layers(model: nn.Module) -> list[QuantizedLayerInfo]:

@@ -454,7 +454,7 @@ def test_device_cuda_without_gpu(tmp_path: Path, capsys: pytest.CaptureFixture[s
         (["quantize", "--model", "d4c-tiny-vit"], "--out"),
         (["quantize", "--out", "X"], "--model"),
         (["quantize", "--model", "d4c-tiny-vit", "--out", "X", "--images", "abc"], "--images"),
-        (["quantize", "--model", "d4c-tiny-vit", "--out", "X", "--calib", "bns"], "--calib"),
+        (["quantize", "--model", "d4c-tiny-vit", "--out", "X", "--calib", "imagenet"], "--calib"),
         (["quantize", "--model", "d4c-tiny-vit", "--out", "X", "--device", "tpu"], "--device"),
         (["quantize", "--model", "RN50", "--out", "X", "--random-init", "--pretrained", "openai"],
          "not allowed with"),
@@ -598,3 +598,81 @@ def test_resume_after_kill(vit_q: Quantized, tmp_path: Path) -> None:
     assert not work.exists()
     ref = vit_q.out / "model.safetensors"
     assert sha256(out / "model.safetensors") == sha256(ref)
+
+
+# --------------------------------------------------------------------------- synthesis (issue 4)
+
+
+@pytest.mark.slow  # ~15 s idle, ~50 s on a busy 2-core box (range init dominates)
+def test_quantize_d4c_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "OUT"
+    run = cli(
+        capsys, "quantize", "--model", "d4c-tiny-rn", "--bits", "w4a8", "--calib", "d4c",
+        "--synth-iters", "2", "--images", "8", "--recon-iters", "2", "--out", out,
+    )  # fmt: skip
+    assert run.code == 0, run.err
+    assert (out / "calibration.png").is_file()
+    recipe = json.loads((out / "manifest.json").read_text())["recipe"]["calibration"]
+    assert recipe["method"] == "d4c"
+    assert recipe["synth"]["iters"] == 2 and recipe["synth"]["components"] == ["pgsi", "scg", "pae"]
+    # 2 synthesis steps (8 images, batch 16, 2 outer iterations): progress inside the stage.
+    stages = [m.group(2) for m in map(PROGRESS.match, run.err.splitlines()) if m]
+    assert stages.count("calibration") >= 3
+
+
+@pytest.mark.parametrize(
+    ("extra", "needles"),
+    [
+        (["--model", "d4c-tiny-vit", "--calib", "bns"], ["'bns' needs BatchNorm", "d4c-tiny-vit"]),
+        (["--model", "d4c-tiny-rn", "--calib", "pse"], ["'pse' needs attention", "d4c-tiny-rn"]),
+        (["--model", "ViT-B-32", "--random-init", "--calib", "bns"], ["'bns'", "ViT-B-32"]),
+        (["--model", "d4c-tiny-vit", "--synth-iters", "3"], ["--synth-iters", "not noise"]),
+        (["--model", "d4c-tiny-vit", "--calib", "real", "--per-batch-adam"], ["--per-batch-adam"]),
+        (["--model", "d4c-tiny-rn", "--calib", "bns", "--d4c-components", "pgsi"],
+         ["--d4c-components needs --calib d4c"]),
+        (["--model", "d4c-tiny-vit", "--calib", "d4c", "--d4c-components", "scg,pae"],
+         ["not a valid ablation", "pgsi,scg,pae"]),
+        (["--model", "d4c-tiny-vit", "--calib", "d4c", "--synth-batch", "0"], ["batch"]),
+        (["--model", "d4c-tiny-vit", "--calib", "d4c", "--prompts", "/no/such/file"],
+         ["does not exist"]),
+    ],
+    ids=[
+        "bns-on-vit", "pse-on-rn", "bns-on-real-vit", "synth-flag-with-noise",
+        "adam-flag-with-real", "components-with-bns", "bad-ablation", "zero-batch",
+        "missing-prompts",
+    ],
+)  # fmt: skip
+def test_quantize_refuses_synthesis_combos(
+    extra: list[str], needles: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "OUT"
+    error_line(cli(capsys, "quantize", *extra, *FAST, "--out", out), *needles)
+    assert_nothing_written(out)
+
+
+def test_quantize_prompt_files_reach_the_recipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--prompts / --prompt-templates become the recipe's prompt set (checked before running)."""
+    import d4c_core.pipeline
+
+    (tmp_path / "names.txt").write_text("oval\n\nletter T \n")
+    (tmp_path / "templates.txt").write_text("a drawing of a {c}.\n")
+    seen: list[Any] = []
+
+    def fake_run(job: Any, *a: Any, **k: Any) -> dict[str, Any]:
+        seen.append(job.recipe)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(d4c_core.pipeline, "run", fake_run)
+    code = main([
+        "quantize", "--model", "d4c-tiny-vit", *FAST, "--calib", "d4c", "--synth-iters", "1",
+        "--d4c-components", "pae,pgsi", "--per-batch-adam", "--synth-batch", "4",
+        "--prompts", str(tmp_path / "names.txt"),
+        "--prompt-templates", str(tmp_path / "templates.txt"), "--out", str(tmp_path / "OUT"),
+    ])  # fmt: skip
+    assert code == 130
+    cal = seen[0].calibration
+    assert cal.classnames == ("oval", "letter T") and cal.templates == ("a drawing of a {c}.",)
+    assert (cal.synth.iters, cal.synth.batch, cal.synth.per_batch_adam) == (1, 4, True)
+    assert cal.synth.components == ("pgsi", "pae")

@@ -9,10 +9,12 @@ import pytest
 
 from d4c_core.errors import SpecError
 from d4c_core.recipe import (
+    CALIB_METHODS,
     PRESETS,
     CalibrationRecipe,
     QuantRecipe,
     Recipe,
+    SynthRecipe,
     parse_bits,
 )
 
@@ -229,3 +231,89 @@ def test_error_messages_name_the_field() -> None:
         Recipe.from_json('{"seed": "x"}')
     with pytest.raises(SpecError, match="version"):
         Recipe.from_json('{"version": 2}')
+
+
+# ---------------------------------------------------------------- synthesis settings
+
+
+def test_synth_defaults_are_the_reference_recipe() -> None:
+    s = CalibrationRecipe().synth
+    assert (s.iters, s.batch, s.lr, s.tv_weight, s.temperature) == (3000, 16, 0.01, 0.1, 0.1)
+    assert s.components == ("pgsi", "scg", "pae") and s.per_batch_adam is False
+    assert (s.crop_min, s.crop_max, s.bg_noise) == (0.4, 0.7, 0.1)
+    assert (s.kde_bandwidth, s.kde_points) == (0.01, 10)
+    assert set(CALIB_METHODS) == {"noise", "real", "bns", "pse", "d4c"}
+
+
+SYNTH_ROUND_TRIP = [
+    Recipe(calibration=CalibrationRecipe(method="d4c", synth=SynthRecipe(components=("pgsi",)))),
+    Recipe(
+        calibration=CalibrationRecipe(
+            method="bns", synth=SynthRecipe(iters=0, batch=3, lr=0.5, per_batch_adam=True)
+        )
+    ),
+    Recipe().replace(calibration={"method": "pse", "synth": {"kde_points": 2, "iters": 7}}),
+]
+
+
+@pytest.mark.parametrize("recipe", SYNTH_ROUND_TRIP, ids=range(len(SYNTH_ROUND_TRIP)))
+def test_synth_json_round_trip_is_exact(recipe: Recipe) -> None:
+    text = recipe.to_json()
+    back = Recipe.from_json(text)
+    assert back == recipe and back.to_json() == text
+    assert set(json.loads(text)["calibration"]["synth"]) == set(SynthRecipe.__dataclass_fields__)
+    assert isinstance(back.calibration.synth, SynthRecipe)
+    hash(back)
+
+
+def test_nested_replace_reaches_synth() -> None:
+    r = Recipe().replace(calibration={"synth": {"iters": 5}})
+    assert r.calibration.synth.iters == 5 and r.calibration.synth.batch == 16
+    assert r.calibration.method == "noise"
+
+
+@pytest.mark.parametrize(
+    "components", [("pgsi", "pae"), ("pae", "pgsi"), ("scg", "pgsi"), ("pae", "scg", "pgsi")]
+)
+def test_components_are_canonical(components: tuple[str, ...]) -> None:
+    s = SynthRecipe.from_dict({"components": list(components)})
+    assert s.components == tuple(c for c in ("pgsi", "scg", "pae") if c in components)
+
+
+BAD_SYNTH: list[Any] = [
+    {"iter": 3},
+    {"iters": -1},
+    {"iters": 1.5},
+    {"batch": 0},
+    {"lr": 0},
+    {"lr": "0.01"},
+    {"tv_weight": -0.1},
+    {"temperature": 0},
+    {"components": []},
+    {"components": ["scg"]},
+    {"components": ["pae"]},
+    {"components": ["scg", "pae"]},
+    {"components": ["pgsi", "pgsi"]},
+    {"components": ["pgsi", "bogus"]},
+    {"components": "pgsi"},
+    {"per_batch_adam": 1},
+    {"crop_min": 0.8, "crop_max": 0.7},
+    {"crop_max": 1.5},
+    {"crop_min": 0},
+    {"bg_noise": -1},
+    {"kde_bandwidth": 0},
+    {"kde_points": 1},
+    [],
+]
+
+
+@pytest.mark.parametrize("synth", BAD_SYNTH, ids=[json.dumps(d) for d in BAD_SYNTH])
+def test_invalid_synth_is_spec_error(synth: Any) -> None:
+    with pytest.raises(SpecError):
+        Recipe.from_json(json.dumps({"calibration": {"method": "d4c", "synth": synth}}))
+
+
+def test_bad_components_message_lists_the_ablations() -> None:
+    with pytest.raises(SpecError, match="pgsi,scg,pae") as e:
+        SynthRecipe(components=("scg",))
+    assert "pgsi | pgsi,scg | pgsi,pae" in str(e.value)

@@ -1,0 +1,1 @@
+"""The job service: FastAPI front end, job database, artifact store, auth."""

@@ -1,0 +1,227 @@
+"""The FastAPI application: ``create_app(settings)`` wires settings, DB, auth and routes.
+
+Collaborators that reach other processes (the queue, the broker probe) are injectable so tests
+can run the API without a broker; by default they come from ``worker.queue``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from app.api.problems import (
+    PROBLEM_JSON,
+    Problem,
+    ProblemDetail,
+    install_handlers,
+    problem_responses,
+)
+from app.api.routes import health, jobs, models
+from app.core.config import Settings, get_settings
+from app.core.security import KeyCache
+from app.db.session import async_engine, async_session_factory, autocommit_engine
+from app.metrics import HttpMetrics, make_metrics
+from app.metrics import router as metrics_router
+
+access_log = logging.getLogger("d4c.access")
+
+
+def _enqueue(job_id: str) -> None:
+    from worker.queue import enqueue
+
+    enqueue(job_id)
+
+
+def _broker_ping() -> Any:
+    from worker.queue import ping
+
+    return ping()
+
+
+def _queue_depth() -> int | None:
+    from app.metrics import broker_queue_depth
+
+    return broker_queue_depth()
+
+
+class AccessLog:
+    """One structured log line per request (pure ASGI: no body buffering, little overhead)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status = 500
+
+        async def _send(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, _send)
+        finally:
+            if access_log.isEnabledFor(logging.INFO):
+                access_log.info(
+                    "request",
+                    extra={
+                        "method": scope["method"],
+                        "path": scope["path"],
+                        "status": status,
+                        "duration_ms": round((time.perf_counter() - start) * 1000, 2),
+                    },
+                )
+
+
+class JsonBodyLimit:
+    """Refuse request bodies over ``max_bytes`` with a 413 before any route reads them.
+
+    FastAPI reads a JSON body whole into memory before validating it, so without a cap one
+    request can hold gigabytes. Job bodies are a few KB (even ``max_prompts`` prompts are well
+    under a MiB). The raw-upload route (``POST /models``) streams to disk under its own cap
+    (``max_upload_bytes``) and is passed through untouched.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, exempt_prefixes: tuple[str, ...]) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.exempt = exempt_prefixes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] != "http"
+            or scope["method"] in ("GET", "HEAD", "OPTIONS")
+            or scope["path"].startswith(self.exempt)
+        ):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._too_large(scope, send)
+            return
+        # Small by construction: buffer up to the cap, then replay it to the route.
+        chunks: list[bytes] = []
+        size = 0
+        more = True
+        while more:
+            message = await receive()
+            if message["type"] != "http.request":  # client went away
+                await self.app(scope, _replay([message], receive), send)
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._too_large(scope, send)
+                return
+            chunks.append(chunk)
+            more = message.get("more_body", False)
+        body = {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        await self.app(scope, _replay([body], receive), send)
+
+    async def _too_large(self, scope: Scope, send: Send) -> None:
+        problem = Problem(
+            413,
+            "Content Too Large",
+            f"request body exceeds the limit of {self.max_bytes} bytes",
+            type_="body-too-large",
+        )
+        response = JSONResponse(
+            problem.body(scope["path"]), status_code=413, media_type=PROBLEM_JSON
+        )
+        await response(scope, _no_receive, send)
+
+
+def _replay(messages: list[Message], receive: Receive) -> Receive:
+    """A ``receive`` that hands out ``messages`` first, then defers to the real one."""
+    pending = list(messages)
+
+    async def _receive() -> Message:
+        return pending.pop(0) if pending else await receive()
+
+    return _receive
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    enqueue: Callable[[str], None] | None = None,
+    broker_ping: Callable[[], Any] | None = None,
+    queue_depth: Callable[[], int | None] | None = None,
+) -> FastAPI:
+    settings = settings or get_settings()
+    engine = async_engine(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        yield
+        await engine.dispose()
+
+    app = FastAPI(
+        title="d4c-service",
+        version="0.1.0",
+        summary="Data-free quantization of CLIP models as a job service",
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessionmaker = async_session_factory(engine)
+    app.state.read_engine = autocommit_engine(engine)  # one-SELECT requests (hot path)
+    app.state.key_cache = KeyCache(settings.api_key_cache_ttl_s)
+    app.state.enqueue = enqueue or _enqueue
+    app.state.broker_ping = broker_ping or _broker_ping
+    app.state.queue_depth = queue_depth or _queue_depth
+    app.state.metrics = make_metrics()
+
+    install_handlers(app)
+    app.include_router(health.router)
+    app.include_router(jobs.router)
+    app.include_router(models.router)
+    app.add_middleware(
+        JsonBodyLimit, max_bytes=settings.max_json_bytes, exempt_prefixes=("/models",)
+    )
+    app.add_middleware(AccessLog)
+    if settings.metrics_enabled:
+        app.include_router(metrics_router)
+        app.add_middleware(HttpMetrics, histogram=app.state.metrics.http_latency)
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title, version=app.version, summary=app.summary, routes=app.routes
+            )
+            comps = schema.setdefault("components", {}).setdefault("schemas", {})
+            comps["ProblemDetail"] = ProblemDetail.model_json_schema(
+                ref_template="#/components/schemas/{model}"
+            )
+            for name, sub in comps["ProblemDetail"].pop("$defs", {}).items():
+                comps.setdefault(name, sub)
+            # FastAPI documents its own 422 body; ours is problem+json.
+            problem_422 = problem_responses(422)[422]
+            for ops in schema.get("paths", {}).values():
+                for op in ops.values():
+                    if "422" in op.get("responses", {}):
+                        op["responses"]["422"] = problem_422
+            for name in ("HTTPValidationError", "ValidationError"):
+                comps.pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+    return app

@@ -1,0 +1,189 @@
+"""Service test fixtures: a throwaway PostgreSQL database per session, SQLite per test, an app
+with a recording queue, and tenants with API keys.
+
+PostgreSQL: 127.0.0.1:5432, trust auth; a database ``d4c_test_<random>`` is created, migrated
+once and dropped at the end (tests isolate by creating their own tenants, so no truncation).
+Set ``D4C_TEST_PG_ADMIN_URL`` to use another server.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import httpx
+import psycopg
+import pytest
+from sqlalchemy import update
+from sqlalchemy.engine import make_url
+
+from app.cli import create_key
+from app.core.config import Settings, get_settings
+from app.db.migrate import upgrade
+from app.db.models import Job
+from app.db.session import make_sync_engine
+from app.main import create_app
+
+PG_ADMIN_URL = os.environ.get("D4C_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
+
+
+def pg_admin_url() -> str:
+    """A URL that reaches the server's maintenance database (user postgres, else root)."""
+    for url in (PG_ADMIN_URL, PG_ADMIN_URL.replace("postgres@", "root@", 1)):
+        try:
+            with psycopg.connect(url, connect_timeout=3):
+                return url
+        except psycopg.OperationalError:
+            continue
+    pytest.skip("PostgreSQL at 127.0.0.1:5432 is not reachable")
+
+
+def create_pg_database(admin_url: str) -> str:
+    """Create ``d4c_test_<random>``; return its SQLAlchemy URL (psycopg driver)."""
+    name = f"d4c_test_{secrets.token_hex(6)}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(admin_url).set(drivername="postgresql+psycopg", database=name)
+    return url.render_as_string(hide_password=False)
+
+
+def drop_pg_database(admin_url: str, db_url: str) -> None:
+    name = make_url(db_url).database
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(scope="session")
+def pg_admin() -> str:
+    return pg_admin_url()
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_admin: str) -> Iterator[str]:
+    """A migrated PostgreSQL database for the whole session (dropped at the end)."""
+    url = create_pg_database(pg_admin)
+    try:
+        upgrade(Settings(database_url=url))
+        yield url
+    finally:
+        drop_pg_database(pg_admin, url)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture(autouse=True)
+def _fresh_settings_cache() -> Iterator[None]:
+    get_settings.cache_clear()
+    yield
+    get_settings.cache_clear()
+
+
+@pytest.fixture(params=["postgresql"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Which database a test runs on; parametrize indirectly to add "sqlite"."""
+    return str(request.param)
+
+
+@pytest.fixture
+def settings(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Settings:
+    """Settings on a fresh data dir; PostgreSQL (shared session DB) or a migrated SQLite file."""
+    common: dict[str, Any] = {
+        "data_dir": tmp_path / "data",
+        "broker_url": "memory://",
+        "max_active_jobs_per_tenant": 100,
+        "events_poll_s": 0.05,
+    }
+    if backend == "postgresql":
+        return Settings(database_url=request.getfixturevalue("pg_url"), **common)
+    s = Settings(**common)
+    upgrade(s)
+    return s
+
+
+@dataclass
+class Queue:
+    """Stands in for worker.queue.enqueue: records what the API sent."""
+
+    sent: list[str] = field(default_factory=list)
+
+    def __call__(self, job_id: str) -> bool:
+        self.sent.append(job_id)
+        return True
+
+
+@pytest.fixture
+def queue() -> Queue:
+    return Queue()
+
+
+@pytest.fixture
+def broker_up() -> dict[str, bool]:
+    return {"up": True}
+
+
+@pytest.fixture
+async def client(
+    settings: Settings, queue: Queue, broker_up: dict[str, bool]
+) -> AsyncIterator[httpx.AsyncClient]:
+    app = create_app(settings, enqueue=queue, broker_ping=lambda: broker_up["up"])
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        c.app = app  # type: ignore[attr-defined]
+        yield c
+    await app.state.engine.dispose()
+
+
+@dataclass
+class Tenant:
+    name: str
+    key: str
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.key}"}
+
+
+@pytest.fixture
+def make_tenant(settings: Settings) -> Callable[[], Tenant]:
+    def make() -> Tenant:
+        name = f"t-{secrets.token_hex(4)}"
+        return Tenant(name, create_key(name, settings))
+
+    return make
+
+
+@pytest.fixture
+def tenant(make_tenant: Callable[[], Tenant]) -> Tenant:
+    return make_tenant()
+
+
+@pytest.fixture
+def db(settings: Settings) -> Iterator[Any]:
+    """A sync engine on the test database, for arranging and asserting rows directly."""
+    engine = make_sync_engine(settings)
+    yield engine
+    engine.dispose()
+
+
+def set_job(engine: Any, job_id: str, **values: Any) -> None:
+    """Move a job along as a worker would (state, progress, ...)."""
+    with engine.begin() as conn:
+        conn.execute(update(Job).where(Job.id == job_id).values(**values))
+
+
+TINY_JOB: dict[str, Any] = {
+    "model": {"arch": "d4c-tiny-vit", "pretrained": "builtin"},
+    "bits": "w4a8",
+    "calibration": {"method": "noise", "num_images": 8, "recon_iters": 10},
+    "eval_task": "object10",
+    "seed": 0,
+}
