@@ -9,13 +9,21 @@ would reject.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 CalibMethod = Literal["noise", "real", "bns", "pse", "d4c"]
 Component = Literal["pgsi", "scg", "pae"]
+
+# Server-chosen ids (uuid4 hex; the storage layout allows this wider set). Anything else is
+# refused before it reaches a query: PostgreSQL rejects NUL in text, which would otherwise
+# surface as a database error.
+ID_PATTERN = r"^[0-9A-Za-z_-]{1,64}$"
+# A prompt is stored in the job's JSON recipe: no control characters (PostgreSQL's JSONB
+# refuses \u0000), and a bounded length.
+PromptText = Annotated[str, Field(max_length=1000, pattern=r"^[^\x00-\x1f\x7f]*$")]
 
 
 class _Strict(BaseModel):
@@ -29,7 +37,7 @@ class ModelIn(_Strict):
         None, max_length=200, description='open_clip tag, or "builtin" for the shipped tiny models'
     )
     checkpoint_id: str | None = Field(
-        None, max_length=64, description="id returned by POST /models"
+        None, max_length=64, pattern=ID_PATTERN, description="id returned by POST /models"
     )
 
 
@@ -52,8 +60,8 @@ class CalibrationIn(_Strict):
 
 
 class PromptsIn(_Strict):
-    classnames: list[str] = Field(default_factory=list)
-    templates: list[str] = Field(default_factory=list, examples=[["a photo of a {c}."]])
+    classnames: list[PromptText] = Field(default_factory=list)
+    templates: list[PromptText] = Field(default_factory=list, examples=[["a photo of a {c}."]])
 
 
 class QuantIn(_Strict):

@@ -219,6 +219,7 @@ def todo_groups(
     bits: tuple[str, ...],
     seeds: Iterable[int],
     done: set[tuple[str, str, str, int]],
+    per_cell: bool = False,
 ) -> list[Group]:
     groups = []
     # Method-major: with a time limit, whole columns finish first.
@@ -226,7 +227,9 @@ def todo_groups(
         if not fits(model, method):
             continue
         missing = tuple(b for b in bits if (model, method, b, seed) not in done)
-        if missing:
+        if per_cell:  # one process per bit width: more parallelism, calibration made per cell
+            groups.extend(Group(model, method, seed, (b,)) for b in missing)
+        elif missing:
             groups.append(Group(model, method, seed, missing))
     return groups
 
@@ -305,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--cache", type=Path, default=ROOT / "bench" / ".cache")
     p.add_argument("--table", action="store_true", help="only print the table of --out")
+    p.add_argument(
+        "--per-cell", action="store_true", help="one task per cell, not per (model, method, seed)"
+    )
     args = p.parse_args(argv)
 
     budget = Budget(args.images, args.recon_iters, args.synth_iters, args.test_images)
@@ -328,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                     f.write(json.dumps(row) + "\n")
                     f.flush()
                     rows.append(row)
-            groups = todo_groups(models, methods, bits, seeds, done)
+            groups = todo_groups(models, methods, bits, seeds, done, args.per_cell)
             if "real" in methods:
                 real_pool(args.cache)  # once, before the workers race for it
             threads = args.threads or max(1, (os.cpu_count() or 1) // args.jobs)

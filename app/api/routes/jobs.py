@@ -8,7 +8,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
 from sse_starlette import EventSourceResponse
@@ -18,7 +18,10 @@ from app.api.deps import SessionDep, SettingsDep, TenantDep, read_connection
 from app.api.problems import Problem, not_found, problem_responses, validation_problem
 from app.db.models import ARTIFACT_NAMES, FINISHED_STATES, Job
 from app.jobspec import request_hash, validate_job
-from app.schemas import ArtifactOut, JobCreate, JobOut, JobPage, JobState
+from app.schemas import ID_PATTERN, ArtifactOut, JobCreate, JobOut, JobPage, JobState
+
+# Malformed ids (NUL, slashes, ...) are a 422 before any query; well-formed unknown ones 404.
+JobIdPath = Annotated[str, Path(pattern=ID_PATTERN)]
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 log = logging.getLogger("d4c.api.jobs")
@@ -140,9 +143,9 @@ async def _owned_job(session: SessionDep, tenant_id: str, job_id: str) -> Job:
     "/{job_id}",
     response_model=JobOut,
     summary="A job's state, progress, recipe and results",
-    responses=problem_responses(401, 404, 503),
+    responses=problem_responses(401, 404, 422, 503),
 )
-async def get_job(job_id: str, request: Request, tenant_id: TenantDep) -> Any:
+async def get_job(job_id: JobIdPath, request: Request, tenant_id: TenantDep) -> Any:
     """The hot path clients poll: one SELECT of the shown columns on an autocommit connection
     (no ORM object, no transaction round trips); FastAPI validates the row into ``JobOut``."""
     async with read_connection(request) as conn:
@@ -156,9 +159,9 @@ async def get_job(job_id: str, request: Request, tenant_id: TenantDep) -> Any:
     "/{job_id}/cancel",
     response_model=JobOut,
     summary="Cancel a job (cooperative: a running job stops at the next unit boundary)",
-    responses=problem_responses(401, 404, 409, 413, 503),
+    responses=problem_responses(401, 404, 409, 413, 422, 503),
 )
-async def cancel_job(job_id: str, session: SessionDep, tenant_id: TenantDep) -> Job:
+async def cancel_job(job_id: JobIdPath, session: SessionDep, tenant_id: TenantDep) -> Job:
     job = await _owned_job(session, tenant_id, job_id)
     if job.state in FINISHED_STATES:
         raise Problem(409, "Conflict", f"job already {job.state}", type_="job-finished")
@@ -177,11 +180,11 @@ async def cancel_job(job_id: str, session: SessionDep, tenant_id: TenantDep) -> 
             "description": "`progress` events, then one `end` event",
             "content": {"text/event-stream": {}},
         },
-        **problem_responses(401, 404, 503),
+        **problem_responses(401, 404, 422, 503),
     },
 )
 async def job_events(
-    job_id: str,
+    job_id: JobIdPath,
     request: Request,
     session: SessionDep,
     tenant_id: TenantDep,
@@ -215,9 +218,9 @@ async def job_events(
     "/{job_id}/artifacts",
     response_model=list[ArtifactOut],
     summary="Name, size and sha256 of each file a finished job produced",
-    responses=problem_responses(401, 404, 503),
+    responses=problem_responses(401, 404, 422, 503),
 )
-async def list_artifacts(job_id: str, session: SessionDep, tenant_id: TenantDep) -> Any:
+async def list_artifacts(job_id: JobIdPath, session: SessionDep, tenant_id: TenantDep) -> Any:
     job = await _owned_job(session, tenant_id, job_id)
     return await crud.list_artifacts(session, job.id)
 
@@ -229,11 +232,11 @@ async def list_artifacts(job_id: str, session: SessionDep, tenant_id: TenantDep)
     responses={
         200: {"description": "The file", "content": {t: {} for t in set(MEDIA_TYPES.values())}},
         304: {"description": "Not modified (If-None-Match matched the ETag)"},
-        **problem_responses(401, 404, 409, 503),
+        **problem_responses(401, 404, 409, 422, 503),
     },
 )
 async def download_artifact(
-    job_id: str,
+    job_id: JobIdPath,
     name: str,
     session: SessionDep,
     tenant_id: TenantDep,

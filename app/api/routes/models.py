@@ -14,13 +14,17 @@ from typing import Annotated, Any
 
 import anyio
 from fastapi import APIRouter, Query, Request, Response
+from fastapi import Path as PathParam
 
 from app import crud
 from app.api.deps import SessionDep, SettingsDep, TenantDep
 from app.api.problems import Problem, not_found, problem_responses, validation_problem
 from app.db.models import Checkpoint, new_id, utcnow
-from app.schemas import CheckpointOut
+from app.schemas import ID_PATTERN, CheckpointOut
 from d4c_core.errors import D4CError
+
+# Malformed ids (NUL, slashes, ...) are a 422 before any query; well-formed unknown ones 404.
+CheckpointIdPath = Annotated[str, PathParam(pattern=ID_PATTERN)]
 
 router = APIRouter(prefix="/models", tags=["models"])
 
@@ -128,9 +132,11 @@ async def upload_model(
     "/{checkpoint_id}",
     response_model=CheckpointOut,
     summary="An uploaded checkpoint's arch, size and sha256",
-    responses=problem_responses(401, 404, 503),
+    responses=problem_responses(401, 404, 422, 503),
 )
-async def get_model(checkpoint_id: str, session: SessionDep, tenant_id: TenantDep) -> Any:
+async def get_model(
+    checkpoint_id: CheckpointIdPath, session: SessionDep, tenant_id: TenantDep
+) -> Any:
     ck = await crud.get_checkpoint(session, tenant_id, checkpoint_id)
     if ck is None:
         raise not_found("checkpoint")
