@@ -15,6 +15,7 @@ from typing import Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
+from prometheus_client import Histogram
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.problems import (
@@ -28,7 +29,7 @@ from app.api.routes import health, jobs, models
 from app.core.config import Settings, get_settings
 from app.core.security import KeyCache
 from app.db.session import async_engine, async_session_factory, autocommit_engine
-from app.metrics import HttpMetrics, make_metrics
+from app.metrics import UNMATCHED_ROUTE, make_metrics
 from app.metrics import router as metrics_router
 
 access_log = logging.getLogger("d4c.access")
@@ -53,10 +54,18 @@ def _queue_depth() -> int | None:
 
 
 class AccessLog:
-    """One structured log line per request (pure ASGI: no body buffering, little overhead)."""
+    """One structured log line and one latency observation per request.
 
-    def __init__(self, app: ASGIApp) -> None:
+    Pure ASGI (no body buffering) and one layer for both, since it sits on every request's
+    path. The histogram is labelled by the route *template*, read from ``scope["route"]``
+    after the router matched (it updates the shared scope in place); a request no route
+    matched is ``unmatched``, never its raw path. A server-sent-events stream counts its
+    whole lifetime (``/jobs/{job_id}/events``): filter that route out of latency alerts.
+    """
+
+    def __init__(self, app: ASGIApp, histogram: Histogram | None = None) -> None:
         self.app = app
+        self.histogram = histogram
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -74,6 +83,10 @@ class AccessLog:
         try:
             await self.app(scope, receive, _send)
         finally:
+            seconds = time.perf_counter() - start
+            if self.histogram is not None:
+                route = getattr(scope.get("route"), "path", None) or UNMATCHED_ROUTE
+                self.histogram.labels(scope["method"], route, str(status)).observe(seconds)
             if access_log.isEnabledFor(logging.INFO):
                 access_log.info(
                     "request",
@@ -81,7 +94,7 @@ class AccessLog:
                         "method": scope["method"],
                         "path": scope["path"],
                         "status": status,
-                        "duration_ms": round((time.perf_counter() - start) * 1000, 2),
+                        "duration_ms": round(seconds * 1000, 2),
                     },
                 )
 
@@ -196,10 +209,11 @@ def create_app(
     app.add_middleware(
         JsonBodyLimit, max_bytes=settings.max_json_bytes, exempt_prefixes=("/models",)
     )
-    app.add_middleware(AccessLog)
+    latency = None
     if settings.metrics_enabled:
         app.include_router(metrics_router)
-        app.add_middleware(HttpMetrics, histogram=app.state.metrics.http_latency)
+        latency = app.state.metrics.http_latency
+    app.add_middleware(AccessLog, histogram=latency)
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:

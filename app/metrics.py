@@ -18,7 +18,7 @@ Where each series comes from, and why:
   through kombu, so the embedded filesystem transport works too). It is the broker's view;
   ``d4c_jobs{state="queued"}`` is the DB's. A gap between them is what the reaper repairs.
 - **This API process** — ``d4c_http_request_duration_seconds{method,route,status}``, a
-  Histogram observed by ``HttpMetrics``; labelled by the route *template*
+  Histogram observed by ``app.main.AccessLog``; labelled by the route *template*
   (``/jobs/{job_id}``), never the raw path, so job ids cannot explode its cardinality. It is
   per process: run one uvicorn process per container (as ``d4c serve`` does) and scale
   containers, not ``--workers``.
@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -50,7 +49,6 @@ from prometheus_client.core import GaugeMetricFamily, HistogramMetricFamily, Met
 from prometheus_client.exposition import choose_encoder
 from sqlalchemy import Float, case, func, literal, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.problems import Problem
 from app.db.models import JOB_STATES, Job, utcnow
@@ -87,41 +85,6 @@ def make_metrics() -> AppMetrics:
     )
     ProcessCollector(registry=registry)
     return AppMetrics(registry, http_latency)
-
-
-class HttpMetrics:
-    """Pure ASGI middleware observing each request's latency (no body buffering).
-
-    The route template is read from ``scope["route"]`` after the router has matched (the
-    router updates the shared scope in place); a request no route matched is labelled
-    ``unmatched`` rather than with its path. A server-sent-events stream counts its whole
-    lifetime (``/jobs/{job_id}/events``): filter that route out of latency alerts.
-    """
-
-    def __init__(self, app: ASGIApp, histogram: Histogram) -> None:
-        self.app = app
-        self.histogram = histogram
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        start = time.perf_counter()
-        status = 500
-
-        async def _send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, _send)
-        finally:
-            route = getattr(scope.get("route"), "path", None) or UNMATCHED_ROUTE
-            self.histogram.labels(scope["method"], route, str(status)).observe(
-                time.perf_counter() - start
-            )
 
 
 @dataclass

@@ -8,6 +8,7 @@ Set ``D4C_TEST_PG_ADMIN_URL`` to use another server.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -64,15 +65,37 @@ def pg_admin() -> str:
     return pg_admin_url()
 
 
-@pytest.fixture(scope="session")
-def pg_url(pg_admin: str) -> Iterator[str]:
-    """A migrated PostgreSQL database for the whole session (dropped at the end)."""
-    url = create_pg_database(pg_admin)
+@contextlib.contextmanager
+def migrated_pg_database(admin_url: str) -> Iterator[str]:
+    url = create_pg_database(admin_url)
     try:
         upgrade(Settings(database_url=url))
         yield url
     finally:
-        drop_pg_database(pg_admin, url)
+        drop_pg_database(admin_url, url)
+
+
+@pytest.fixture(scope="session")
+def pg_url(pg_admin: str) -> Iterator[str]:
+    """A migrated PostgreSQL database for the whole session (dropped at the end)."""
+    with migrated_pg_database(pg_admin) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def module_pg_url(pg_admin: str) -> Iterator[str]:
+    """A migrated PostgreSQL database for one module, for a module whose workers sweep whole
+    tables (its reaper would pick up jobs other modules left queued)."""
+    with migrated_pg_database(pg_admin) as url:
+        yield url
+
+
+@pytest.fixture
+def private_pg_url(pg_admin: str) -> Iterator[str]:
+    """A migrated PostgreSQL database for one test, for code that sweeps whole tables (a
+    module overrides ``pg_url`` with it)."""
+    with migrated_pg_database(pg_admin) as url:
+        yield url
 
 
 @pytest.fixture

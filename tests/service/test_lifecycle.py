@@ -47,7 +47,10 @@ class Stack:
 
 
 @pytest.fixture(scope="module")
-def stack(pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+def stack(module_pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """API + a real `d4c worker` on a database of this module's own: the worker's reaper
+    re-sends every queued job it finds, including ones other modules left behind."""
+    pg_url = module_pg_url
     data_dir = tmp_path_factory.mktemp("lifecycle") / "data"
     with redis_database() as broker_url, pytest.MonkeyPatch.context() as mp:
         env = service_env(data_dir, pg_url, broker_url)

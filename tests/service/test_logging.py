@@ -72,8 +72,10 @@ def test_celery_task_lines_carry_the_job_id(json_logs: Any) -> None:
     def other(x: str) -> None:
         logging.getLogger("elsewhere").info("not a job")
 
-    probe.apply(args=["job-42"]).get()
-    other.apply(args=["job-43"]).get()
+    # apply() runs eagerly; no .get(): an in-process worker started earlier in this process
+    # (the embedded tests) leaves Celery's global "inside a worker" flag set.
+    assert probe.apply(args=["job-42"]).successful()
+    assert other.apply(args=["job-43"]).successful()
     logging.getLogger("d4c.worker").info("idle")
 
     out = json_logs()

@@ -16,6 +16,14 @@ from worker.testing import insert_job, job_row
 
 pytestmark = pytest.mark.parametrize("backend", ["postgresql", "sqlite"], indirect=True)
 
+
+@pytest.fixture
+def pg_url(private_pg_url: str) -> str:
+    """The reaper sweeps the whole jobs table by design: rows other tests left in the session
+    database would join its sweeps, so each test here gets a database of its own."""
+    return private_pg_url
+
+
 RECIPE = {"any": "thing"}
 
 
