@@ -6,6 +6,7 @@ can run the API without a broker; by default they come from ``worker.queue``.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -183,6 +184,10 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        # Everything loaded at startup (torch, open_clip, the app) is long-lived: keep it out
+        # of the collector's generations so a full collection does not walk it mid-request.
+        gc.collect()
+        gc.freeze()
         yield
         await engine.dispose()
 
