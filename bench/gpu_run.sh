@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The GPU checks, as one script for a lent GPU machine (no network there): wheels for what
-# its image lacks travel in .whl/ (open_clip_torch, ftfy, wcwidth; see bench/README or the
-# device tool notes). Usage: bench/gpu_run.sh smoke|main OUTDIR [SYNTH_ITERS] [JOBS] [LIMIT_S]
+# its image lacks travel in .whl/ (open_clip_torch, ftfy, wcwidth: `pip download --no-deps --only-binary=:all:
+# --python-version 3.12 -d .whl ...`). Usage: bench/gpu_run.sh smoke|main OUTDIR [SYNTH_ITERS] [JOBS] [LIMIT_S]
 set -uo pipefail
 mode=$1 out=$2 synth=${3:-200} jobs=${4:-14} limit=${5:-400}
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
