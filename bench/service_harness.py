@@ -13,18 +13,18 @@ import contextlib
 import datetime
 import os
 import platform
-import secrets
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import httpx
 import psycopg
-from sqlalchemy.engine import make_url
+
+from worker import testing
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_URL = os.environ.get(
@@ -32,38 +32,23 @@ PG_ADMIN_URL = os.environ.get(
 )
 REDIS_HOST = os.environ.get("D4C_BENCH_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("D4C_BENCH_REDIS_PORT", "6379"))
-_REDIS_LOCK_KEY = "d4c:bench:lock"
 
 
 class BenchError(RuntimeError):
     """A precondition of the benchmark failed (no PostgreSQL, server did not start, ...)."""
 
 
+def _fail(reason: str) -> NoReturn:
+    raise BenchError(reason)
+
+
 def pg_admin_url() -> str:
-    """A URL of the server's maintenance database: role ``postgres``, else ``root``
-    (machines differ in which superuser trust auth lets in)."""
-    for url in (PG_ADMIN_URL, PG_ADMIN_URL.replace("postgres@", "root@", 1)):
-        try:
-            with psycopg.connect(url, connect_timeout=3):
-                return url
-        except psycopg.OperationalError:
-            continue
-    raise BenchError(f"PostgreSQL is not reachable at {PG_ADMIN_URL} (as postgres or root)")
+    return testing.pg_admin_url(PG_ADMIN_URL, unavailable=_fail)
 
 
-@contextlib.contextmanager
-def pg_database(prefix: str = "d4c_bench") -> Iterator[str]:
-    """Create ``<prefix>_<random>``; yield its SQLAlchemy URL (psycopg); drop it afterwards."""
-    admin = pg_admin_url()
-    name = f"{prefix}_{secrets.token_hex(5)}"
-    with psycopg.connect(admin, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_url(admin).set(drivername="postgresql+psycopg", database=name)
-    try:
-        yield url.render_as_string(hide_password=False)
-    finally:
-        with psycopg.connect(admin, autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+def pg_database(prefix: str = "d4c_bench") -> contextlib.AbstractContextManager[str]:
+    """A throwaway PostgreSQL database (dropped afterwards)."""
+    return testing.pg_database(pg_admin_url(), prefix)
 
 
 def pg_version() -> str:
@@ -72,30 +57,11 @@ def pg_version() -> str:
     return str(row[0]) if row else "?"
 
 
-@contextlib.contextmanager
-def redis_database() -> Iterator[str]:
-    """Reserve an empty Redis database index 1..15 (marked with a ``SET NX`` lock key so a
-    parallel run cannot take it); yield its URL; afterwards delete only that index's keys."""
-    import redis
-
-    for n in range(15, 0, -1):
-        client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=n, socket_timeout=5)
-        token = secrets.token_hex(8)
-        try:
-            if client.dbsize() != 0 or not client.set(_REDIS_LOCK_KEY, token, nx=True, ex=3600):
-                continue
-        except redis.ConnectionError as e:
-            raise BenchError(f"Redis is not reachable at {REDIS_HOST}:{REDIS_PORT}: {e}") from e
-        try:
-            yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{n}"
-        finally:
-            if client.get(_REDIS_LOCK_KEY) == token.encode():
-                for key in client.scan_iter(count=500):
-                    if key != _REDIS_LOCK_KEY.encode():
-                        client.delete(key)
-                client.delete(_REDIS_LOCK_KEY)
-        return
-    raise BenchError(f"no empty Redis database index at {REDIS_HOST}:{REDIS_PORT}")
+def redis_database() -> contextlib.AbstractContextManager[str]:
+    """A free Redis database index, marked with its own lock key; only its keys are deleted."""
+    return testing.redis_database(
+        "d4c:bench:lock", unavailable=_fail, host=REDIS_HOST, port=REDIS_PORT
+    )
 
 
 def service_env(**d4c: str | Path) -> dict[str, str]:

@@ -1,5 +1,5 @@
-"""Helpers for tests that run real workers: a private Redis database, a ``d4c worker``
-subprocess, job rows with test-sized recipes.
+"""Helpers for tests and benchmarks that run real workers: a throwaway PostgreSQL database, a
+private Redis database, a ``d4c worker`` subprocess, job rows with test-sized recipes.
 
 Shared machines run other people's Redis data: a test takes a numbered database that is
 empty, marks it with a lock key (``SET NX``) so a parallel session cannot take the same one,
@@ -18,16 +18,19 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
+import psycopg
 import redis
+from sqlalchemy.engine import make_url
 
 from app.db.models import Job, Tenant
 from app.db.session import sync_sessionmaker
 
 REDIS_HOST = os.environ.get("D4C_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("D4C_TEST_REDIS_PORT", "6379"))
-_LOCK_KEY = "d4c:test:lock"
+# How a missing shared service surfaces: a skip in tests, an error in benchmarks.
+Unavailable = Callable[[str], NoReturn]
 
 # The engine's budgets at test size: seconds on 2 shared cores instead of minutes. Jobs sent
 # over HTTP pass the same values as the body's ``quant`` object (``TINY_QUANT_HTTP``).
@@ -52,31 +55,65 @@ def tiny_recipe(**quant: Any) -> dict[str, Any]:
     ).to_dict()
 
 
+def _skip(reason: str) -> NoReturn:
+    import pytest
+
+    pytest.skip(reason)
+
+
+def pg_admin_url(url: str, unavailable: Unavailable = _skip) -> str:
+    """``url`` or the same with role ``root``: the one trust auth lets in (machines differ)."""
+    for candidate in (url, url.replace("postgres@", "root@", 1)):
+        try:
+            with psycopg.connect(candidate, connect_timeout=3):
+                return candidate
+        except psycopg.OperationalError:
+            continue
+    unavailable(f"PostgreSQL is not reachable at {url} (as postgres or root)")
+
+
 @contextlib.contextmanager
-def redis_database() -> Iterator[str]:
+def pg_database(admin_url: str, prefix: str = "d4c_test") -> Iterator[str]:
+    """Create ``<prefix>_<random>``; yield its SQLAlchemy URL (psycopg); drop it afterwards."""
+    name = f"{prefix}_{secrets.token_hex(6)}"
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    url = make_url(admin_url).set(drivername="postgresql+psycopg", database=name)
+    try:
+        yield url.render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@contextlib.contextmanager
+def redis_database(
+    lock_key: str = "d4c:test:lock",
+    unavailable: Unavailable = _skip,
+    host: str = REDIS_HOST,
+    port: int = REDIS_PORT,
+) -> Iterator[str]:
     """Reserve an empty Redis database 1..15; yield its URL; delete its keys afterwards."""
     numbers = list(range(1, 16))
     random.shuffle(numbers)
     token = secrets.token_hex(8)
     for n in numbers:
-        client = redis.Redis(host=REDIS_HOST, port=REDIS_PORT, db=n, socket_timeout=5)
+        client = redis.Redis(host=host, port=port, db=n, socket_timeout=5)
         try:
-            if client.dbsize() != 0 or not client.set(_LOCK_KEY, token, nx=True, ex=3600):
+            if client.dbsize() != 0 or not client.set(lock_key, token, nx=True, ex=3600):
                 continue
-        except redis.ConnectionError:
-            break
+        except redis.ConnectionError as e:
+            unavailable(f"Redis is not reachable at {host}:{port}: {e}")
         try:
-            yield f"redis://{REDIS_HOST}:{REDIS_PORT}/{n}"
+            yield f"redis://{host}:{port}/{n}"
         finally:
-            if client.get(_LOCK_KEY) == token.encode():
+            if client.get(lock_key) == token.encode():
                 for key in client.scan_iter(count=500):
-                    if key != _LOCK_KEY.encode():
+                    if key != lock_key.encode():
                         client.delete(key)
-                client.delete(_LOCK_KEY)
+                client.delete(lock_key)
         return
-    import pytest
-
-    pytest.skip(f"no free Redis database at {REDIS_HOST}:{REDIS_PORT}")
+    unavailable(f"no free Redis database at {host}:{port}")
 
 
 def service_env(

@@ -19,10 +19,8 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import httpx
-import psycopg
 import pytest
 from sqlalchemy import update
-from sqlalchemy.engine import make_url
 
 from app.cli import create_key
 from app.core.config import Settings, get_settings
@@ -30,49 +28,21 @@ from app.db.migrate import upgrade
 from app.db.models import Job
 from app.db.session import make_sync_engine
 from app.main import create_app
+from worker.testing import pg_admin_url, pg_database
 
 PG_ADMIN_URL = os.environ.get("D4C_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
 
-def pg_admin_url() -> str:
-    """A URL that reaches the server's maintenance database (user postgres, else root)."""
-    for url in (PG_ADMIN_URL, PG_ADMIN_URL.replace("postgres@", "root@", 1)):
-        try:
-            with psycopg.connect(url, connect_timeout=3):
-                return url
-        except psycopg.OperationalError:
-            continue
-    pytest.skip("PostgreSQL at 127.0.0.1:5432 is not reachable")
-
-
-def create_pg_database(admin_url: str) -> str:
-    """Create ``d4c_test_<random>``; return its SQLAlchemy URL (psycopg driver)."""
-    name = f"d4c_test_{secrets.token_hex(6)}"
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    url = make_url(admin_url).set(drivername="postgresql+psycopg", database=name)
-    return url.render_as_string(hide_password=False)
-
-
-def drop_pg_database(admin_url: str, db_url: str) -> None:
-    name = make_url(db_url).database
-    with psycopg.connect(admin_url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
 @pytest.fixture(scope="session")
 def pg_admin() -> str:
-    return pg_admin_url()
+    return pg_admin_url(PG_ADMIN_URL)
 
 
 @contextlib.contextmanager
 def migrated_pg_database(admin_url: str) -> Iterator[str]:
-    url = create_pg_database(admin_url)
-    try:
+    with pg_database(admin_url) as url:
         upgrade(Settings(database_url=url))
         yield url
-    finally:
-        drop_pg_database(admin_url, url)
 
 
 @pytest.fixture(scope="session")

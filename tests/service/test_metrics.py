@@ -25,7 +25,6 @@ from app.db.migrate import upgrade
 from app.db.models import Job, Tenant, utcnow
 from app.db.session import make_sync_engine
 from app.main import create_app
-from tests.service.conftest import create_pg_database, drop_pg_database
 from tests.service.test_jobs_api import assert_problem
 
 pytestmark = pytest.mark.anyio
@@ -59,14 +58,7 @@ def fresh_settings(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[S
         upgrade(s)
         yield s
         return
-    admin = request.getfixturevalue("pg_admin")
-    url = create_pg_database(admin)
-    try:
-        s = Settings(database_url=url, **common)
-        upgrade(s)
-        yield s
-    finally:
-        drop_pg_database(admin, url)
+    yield Settings(database_url=request.getfixturevalue("private_pg_url"), **common)
 
 
 TIMINGS_FAST = {

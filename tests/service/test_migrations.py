@@ -13,7 +13,7 @@ from app.core.config import Settings
 from app.db.base import Base
 from app.db.migrate import downgrade, upgrade
 from app.db.session import make_sync_engine
-from tests.service.conftest import create_pg_database, drop_pg_database
+from worker.testing import pg_database
 
 TABLES = {"tenants", "api_keys", "checkpoints", "jobs", "artifacts"}
 
@@ -43,11 +43,8 @@ def test_migrations_sqlite(tmp_path: Path) -> None:
 
 
 def test_migrations_postgresql(pg_admin: str) -> None:
-    url = create_pg_database(pg_admin)
-    try:
+    with pg_database(pg_admin) as url:
         _roundtrip(Settings(database_url=url))
-    finally:
-        drop_pg_database(pg_admin, url)
 
 
 def test_sqlite_pragmas(tmp_path: Path) -> None:
