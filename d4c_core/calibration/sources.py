@@ -9,7 +9,6 @@ methods (bns, pse, d4c) plug in by adding a registry entry, without callers chan
 
 from __future__ import annotations
 
-import inspect
 from pathlib import Path
 from typing import Protocol
 
@@ -117,12 +116,6 @@ SOURCES: dict[str, CalibrationSource] = {
 }
 
 
-def _takes_on_step(source: CalibrationSource) -> bool:
-    """Sources written before progress reporting (no ``on_step``) keep working."""
-    params = inspect.signature(source).parameters.values()
-    return any(p.name == "on_step" or p.kind is p.VAR_KEYWORD for p in params)
-
-
 def make_calibration(
     loaded: LoadedModel,
     recipe: CalibrationRecipe,
@@ -137,8 +130,7 @@ def make_calibration(
         raise CalibrationError(
             f"no calibration source {recipe.method!r}; available: {', '.join(sorted(SOURCES))}"
         )
-    extra = {"on_step": on_step} if on_step is not None and _takes_on_step(source) else {}
-    images = source(loaded, recipe, seed=seed, image_dir=image_dir, **extra)
+    images = source(loaded, recipe, seed=seed, image_dir=image_dir, on_step=on_step)
     size = loaded.image_size
     expected = (recipe.num_images, 3, size, size)
     if tuple(images.shape) != expected:  # a source bug, not a user error

@@ -170,9 +170,9 @@ def optimize_unit(
             gen = torch.Generator().manual_seed(seed)
             # Drawn at once on the CPU (the same stream as one draw per iteration), moved once:
             # no host-to-device copy per iteration on a GPU.
-            batches = torch.randint(
-                0, len(inputs), (iters, recipe.recon_batch), generator=gen
-            ).to(inputs.device)
+            batches = torch.randint(0, len(inputs), (iters, recipe.recon_batch), generator=gen).to(
+                inputs.device
+            )
             with torch.enable_grad():
                 for it in range(iters):
                     idx = batches[it]

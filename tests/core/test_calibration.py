@@ -113,7 +113,14 @@ def test_noise_source(loaded: LoadedModel) -> None:
 def test_registry_is_the_dispatch(loaded: LoadedModel, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
 
-    def fake(lm: LoadedModel, recipe: CalibrationRecipe, *, seed: int, image_dir: Path | None):
+    def fake(
+        lm: LoadedModel,
+        recipe: CalibrationRecipe,
+        *,
+        seed: int,
+        image_dir: Path | None,
+        on_step: object = None,
+    ) -> torch.Tensor:
         calls.append(seed)
         return torch.zeros(recipe.num_images, 3, lm.image_size, lm.image_size)
 
@@ -121,7 +128,9 @@ def test_registry_is_the_dispatch(loaded: LoadedModel, monkeypatch: pytest.Monke
     out = make_calibration(loaded, CalibrationRecipe(num_images=2), seed=11)
     assert calls == [11] and out.shape == (2, 3, 32, 32)
 
-    monkeypatch.setitem(SOURCES, "noise", lambda lm, r, *, seed, image_dir: torch.zeros(1, 3, 8, 8))
+    monkeypatch.setitem(
+        SOURCES, "noise", lambda lm, r, *, seed, image_dir, on_step: torch.zeros(1, 3, 8, 8)
+    )
     with pytest.raises(RuntimeError, match="not"):
         make_calibration(loaded, CalibrationRecipe(num_images=2), seed=0)
 
