@@ -32,7 +32,7 @@ import open_clip
 import safetensors
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 from torch import Tensor, nn
 
 from d4c_core.errors import ArtifactError, CheckpointError, SpecError
@@ -173,6 +173,15 @@ def _quant_tensors(info_name: str, layer: QuantLayer) -> dict[str, Tensor]:
     return out
 
 
+def write_safetensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str]) -> None:
+    """Serialize in memory, then write with Python I/O: a full or read-only disk then raises
+    ``OSError`` with its errno (``safetensors.save_file`` turns it into an opaque
+    ``SafetensorError``), which callers map to a clear storage error."""
+    data = save(tensors, metadata=metadata)
+    with path.open("wb") as f:
+        f.write(data)
+
+
 def export(
     model: nn.Module,
     spec: ModelSpec,
@@ -241,8 +250,8 @@ def export(
     }
     # One metadata key: safetensors writes several in random order, and the same model must
     # give the same bytes (resume is checked against an uninterrupted run by sha256).
-    save_file(
-        tensors, str(out_dir / MODEL_FILE), metadata={META_KEY: json.dumps(meta, sort_keys=True)}
+    write_safetensors(
+        out_dir / MODEL_FILE, tensors, metadata={META_KEY: json.dumps(meta, sort_keys=True)}
     )
     (out_dir / REPORT_FILE).write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
     for name, src in extra_files.items():

@@ -23,10 +23,10 @@ from typing import Any
 import open_clip
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import Tensor
 
-from d4c_core.artifacts import export
+from d4c_core.artifacts import export, write_safetensors
 from d4c_core.calibration import make_calibration, make_text_calibration, save_contact_sheet
 from d4c_core.errors import Cancelled
 from d4c_core.evaluate import embedding_cosine_fp_mode, layer_sqnr, zero_shot
@@ -118,10 +118,8 @@ def tensor_digest(*tensors: Tensor) -> str:
 def _save(path: Path, tensors: dict[str, Tensor], key: str) -> None:
     """Write-then-rename, so a kill never leaves a half file that looks finished."""
     tmp = path.with_suffix(".tmp")
-    save_file(
-        {k: v.detach().cpu().contiguous() for k, v in tensors.items()},
-        str(tmp),
-        metadata={"key": key},
+    write_safetensors(
+        tmp, {k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata={"key": key}
     )
     tmp.replace(path)
 

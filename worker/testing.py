@@ -9,6 +9,7 @@ and afterwards deletes only that database's keys. Nothing here stops or flushes 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import secrets
@@ -20,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, NoReturn
 
+import httpx
 import psycopg
 import redis
 from sqlalchemy.engine import make_url
@@ -224,3 +226,261 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: flo
             return value
         time.sleep(every)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on right now (bound and released: good enough for tests)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class RedisServer:
+    """A private ``redis-server`` without persistence on its own port: a test may kill and
+    restart it (the shared server on 6379 is never touched)."""
+
+    def __init__(self, log_path: Path, port: int | None = None) -> None:
+        import shutil
+
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            _skip("redis-server is not installed")
+        self.port = port or free_port()
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> None:
+        assert self.binary is not None
+        args = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
+        args += ["--save", "", "--appendonly", "no", "--daemonize", "no"]
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT)
+        client = redis.Redis(port=self.port, socket_timeout=1)
+        wait_for(_pings(client), 20, f"redis-server on port {self.port}", every=0.05)
+
+    def kill(self) -> None:
+        """SIGKILL: everything it held (queued messages, unacked deliveries) is gone."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def _pings(client: redis.Redis) -> Callable[[], bool]:
+    def ping() -> bool:
+        try:
+            return bool(client.ping())
+        except redis.RedisError:
+            return False
+
+    return ping
+
+
+class PgCluster:
+    """A private PostgreSQL cluster (``initdb`` into a temporary directory, its own port,
+    trust auth): a test may stop and start it without touching the shared server.
+
+    PostgreSQL refuses to run as root, so as root the cluster belongs to ``postgres``.
+    """
+
+    def __init__(self) -> None:
+        import glob
+        import shutil
+        import tempfile
+
+        found = shutil.which("pg_ctl") or next(
+            iter(sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"), reverse=True)), None
+        )
+        if found is None:
+            _skip("PostgreSQL server binaries (pg_ctl) are not installed")
+        self.bindir = Path(found).parent
+        self.port = free_port()
+        self.runas: list[str] = []
+        # Not under pytest's 0700 tmp: the postgres user must reach it.
+        self.dir = Path(tempfile.mkdtemp(prefix="d4c-pg-"))
+        self.log_path = self.dir / "postgres.log"
+        if os.geteuid() == 0:
+            self.runas = ["runuser", "-u", "postgres", "--"]
+            shutil.chown(self.dir, "postgres", "postgres")
+        self._run("initdb", "-D", str(self.dir / "data"), "-A", "trust", "-U", "postgres")
+
+    @property
+    def url(self) -> str:
+        return f"postgresql+psycopg://postgres@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, tool: str, *args: str) -> None:
+        cmd = [*self.runas, str(self.bindir / tool), *args]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{tool} failed: {done.stdout}\n{done.stderr}")
+
+    def start(self) -> None:
+        opts = f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
+        data = str(self.dir / "data")
+        self._run("pg_ctl", "-D", data, "-o", opts, "-l", str(self.log_path), "-w", "start")
+
+    def stop(self) -> None:
+        """Fast shutdown: open connections are cut, as when a database server goes down."""
+        self._run("pg_ctl", "-D", str(self.dir / "data"), "-m", "fast", "-w", "stop")
+
+    def remove(self) -> None:
+        import shutil
+
+        with contextlib.suppress(RuntimeError):
+            self.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+JOB_TIMEOUT_S = 240
+FINISHED = ("succeeded", "failed", "cancelled")
+ARTIFACTS = ["calibration.png", "manifest.json", "model.safetensors", "report.json"]
+
+
+def job_body(recon_iters: int, seed: int = 0) -> dict[str, Any]:
+    """A ``POST /jobs`` body for a test-sized d4c-tiny-vit W4A8 job on noise."""
+    return {
+        "model": {"arch": "d4c-tiny-vit", "pretrained": "builtin"},
+        "bits": "w4a8",
+        "calibration": {
+            "method": "noise",
+            "num_images": 8,
+            "num_prompts": 8,
+            "recon_iters": recon_iters,
+        },
+        "quant": TINY_QUANT_HTTP,
+        "seed": seed,
+    }
+
+
+class ServiceStack:
+    """One deployment on this machine, as fault and load tests need it: a ``d4c serve`` API
+    process (PostgreSQL + Redis, so no embedded worker), ``d4c worker`` processes, and an
+    authenticated HTTP client talking to the API over loopback."""
+
+    def __init__(self, root: Path, database_url: str, broker_url: str, **env: str) -> None:
+        from app.cli import create_key
+        from app.core.config import Settings
+
+        self.root = root
+        self.data_dir = root / "data"
+        self.env = service_env(self.data_dir, database_url, broker_url, **env)
+        self.settings = Settings(
+            data_dir=self.data_dir, database_url=database_url, broker_url=broker_url
+        )
+        self.port = free_port()
+        self.api: Process | None = None
+        self.workers: list[Process] = []
+        key = create_key(f"stack-{os.getpid()}", self.settings)
+        self.http = httpx.Client(
+            base_url=f"http://127.0.0.1:{self.port}",
+            headers={"Authorization": f"Bearer {key}"},
+            timeout=10,
+        )
+
+    def start_api(self) -> Process:
+        n = len(list(self.root.glob("api*.log")))
+        args = ["serve", "--host", "127.0.0.1", "--port", str(self.port)]
+        self.api = Process(args, self.env, self.root / f"api{n}.log")
+        wait_for(self._healthy, 90, "the API to answer /healthz")
+        return self.api
+
+    def _healthy(self) -> bool:
+        assert self.api is not None
+        if self.api.proc.poll() is not None:
+            raise AssertionError(f"API exited:\n{self.api.log_tail()}")
+        try:
+            return self.http.get("/healthz").status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def start_worker(self) -> Process:
+        worker = Process(["worker"], self.env, self.root / f"worker{len(self.workers)}.log")
+        self.workers.append(worker)
+        return worker
+
+    def worker_id(self, worker: Process) -> str:
+        import socket
+
+        return f"d4c-{worker.pid}@{socket.gethostname()}"
+
+    def submit(self, recon_iters: int) -> str:
+        r = self.http.post("/jobs", json=job_body(recon_iters))
+        assert r.status_code == 202, r.text
+        return str(r.json()["id"])
+
+    def job(self, job_id: str) -> dict[str, Any]:
+        r = self.http.get(f"/jobs/{job_id}")
+        assert r.status_code == 200, r.text
+        return dict(r.json())
+
+    def wait(
+        self,
+        job_id: str,
+        until: Callable[[dict[str, Any]], bool],
+        what: str,
+        timeout: float = JOB_TIMEOUT_S,
+    ) -> dict[str, Any]:
+        """Poll the job until ``until(job)``; a job finished otherwise fails the test."""
+
+        def check() -> dict[str, Any] | None:
+            job = self.job(job_id)
+            if until(job):
+                return job
+            if job["state"] in FINISHED:
+                raise AssertionError(f"job ended {job['state']} waiting for {what}: {job}")
+            return None
+
+        return dict(wait_for(check, timeout, what, every=0.2))
+
+    def finished(self, job_id: str) -> dict[str, Any]:
+        return self.wait(job_id, lambda j: j["state"] in FINISHED, f"job {job_id} to finish")
+
+    def units_done(self, job_id: str) -> int:
+        units = self.settings.work_dir / job_id / "units"
+        return len(list(units.glob("*.safetensors"))) if units.is_dir() else 0
+
+    def download_and_verify(self, job_id: str, dest: Path) -> dict[str, Any]:
+        from d4c_core.artifacts import verify
+
+        r = self.http.get(f"/jobs/{job_id}/artifacts")
+        assert r.status_code == 200, r.text
+        listing = r.json()
+        assert sorted(a["name"] for a in listing) == ARTIFACTS
+        dest.mkdir(parents=True)
+        for entry in listing:
+            r = self.http.get(f"/jobs/{job_id}/artifacts/{entry['name']}")
+            assert r.status_code == 200 and r.headers["etag"].strip('"') == entry["sha256"]
+            (dest / entry["name"]).write_bytes(r.content)
+        return dict(verify(dest))
+
+    def published(self) -> list[str]:
+        """Job directories in the artifact root (staging excluded)."""
+        root = self.settings.artifacts_dir
+        return sorted(p.name for p in root.iterdir() if p.name != ".staging")
+
+    def staging_leftovers(self) -> list[str]:
+        staging = self.settings.artifacts_dir / ".staging"
+        return sorted(p.name for p in staging.iterdir()) if staging.is_dir() else []
+
+    def finished_runs(self, job_id: str) -> list[str]:
+        """The ``outcome`` of every ``finished`` record the workers logged for ``job_id``."""
+        outcomes = []
+        for worker in self.workers:
+            for line in worker.log_path.read_text(errors="replace").splitlines():
+                with contextlib.suppress(json.JSONDecodeError):
+                    rec = json.loads(line)
+                    if rec.get("message") == "finished" and rec.get("job_id") == job_id:
+                        outcomes.append(rec.get("outcome"))
+        return outcomes
+
+    def close(self, failed: bool) -> None:
+        for proc in [*self.workers, *([self.api] if self.api else [])]:
+            if failed:
+                print(f"--- {proc.log_path.name}\n{proc.log_tail()}")
+            proc.stop()
+        self.http.close()

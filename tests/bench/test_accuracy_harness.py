@@ -41,6 +41,12 @@ def test_mean_std_and_method_fields(acc: ModuleType) -> None:
         "components": ("pgsi", "scg"),
     }
     assert "components" not in acc.calib_fields("d4c", b)["synth"]
+    variant = acc.calib_fields("d4c/per-batch-adam", b)
+    assert variant["method"] == "d4c" and variant["synth"] == {"iters": 7, "per_batch_adam": True}
+    from d4c_core.recipe import CalibrationRecipe
+
+    assert CalibrationRecipe.from_dict(variant).synth.per_batch_adam
+    assert acc.fits("d4c-tiny-rn", "d4c/per-batch-adam") and not acc.fits("d4c-tiny-vit", "bns")
 
 
 def test_reduced_run_resumes_and_tabulates(

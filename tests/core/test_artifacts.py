@@ -26,6 +26,7 @@ from d4c_core.artifacts import (
     unpack_int,
     verify,
     weight_bytes,
+    write_safetensors,
 )
 from d4c_core.errors import ArtifactError
 from d4c_core.models import LoadedModel, ModelSpec, load_clip
@@ -348,3 +349,22 @@ def test_export_rejects_reserved_extra_name(fp_models, exported, tmp_path) -> No
     src.write_text("x")
     with pytest.raises(ArtifactError):
         _export(lm, q, Recipe.preset("w4a8"), tmp_path / "o", extra_files={MANIFEST_FILE: src})
+
+
+def test_write_safetensors_surfaces_disk_errors_as_oserror(tmp_path: Path) -> None:
+    """A full disk must reach the worker as ``OSError(ENOSPC)`` (a clear storage problem for
+    the user), not as safetensors' opaque error; the bytes are safetensors' own."""
+    import errno
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = {"w": torch.randn(4, 3), "codes": torch.arange(6, dtype=torch.int8)}
+    write_safetensors(tmp_path / "a.safetensors", tensors, {"k": "v"})
+    save_file(tensors, str(tmp_path / "b.safetensors"), metadata={"k": "v"})
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    assert torch.equal(load_file(tmp_path / "a.safetensors")["w"], tensors["w"])
+    if not Path("/dev/full").exists():
+        pytest.skip("no /dev/full on this system")
+    with pytest.raises(OSError) as e:
+        write_safetensors(Path("/dev/full"), tensors, {"k": "v"})
+    assert e.value.errno == errno.ENOSPC

@@ -9,6 +9,7 @@ Set ``D4C_TEST_PG_ADMIN_URL`` to use another server.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -28,7 +29,7 @@ from app.db.migrate import upgrade
 from app.db.models import Job
 from app.db.session import make_sync_engine
 from app.main import create_app
-from worker.testing import pg_admin_url, pg_database
+from worker.testing import ServiceStack, pg_admin_url, pg_database, redis_database
 
 PG_ADMIN_URL = os.environ.get("D4C_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -180,3 +181,52 @@ TINY_JOB: dict[str, Any] = {
     "eval_task": "object10",
     "seed": 0,
 }
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Keep each phase's report on the test item (``item.rep_call``), so a fixture can show
+    its subprocesses' logs only when the test failed."""
+    report = yield
+    setattr(item, f"rep_{report.when}", report)
+    return report
+
+
+@pytest.fixture
+def make_stack(
+    request: pytest.FixtureRequest, tmp_path: Path
+) -> Iterator[Callable[..., ServiceStack]]:
+    stacks: list[ServiceStack] = []
+
+    def make(database_url: str, broker_url: str, **env: str) -> ServiceStack:
+        stack = ServiceStack(tmp_path / f"stack{len(stacks)}", database_url, broker_url, **env)
+        stacks.append(stack)
+        return stack
+
+    yield make
+    report = getattr(request.node, "rep_call", None)
+    for stack in stacks:
+        stack.close(failed=report is None or report.failed)
+
+
+@pytest.fixture
+def record() -> Callable[..., None]:
+    """Record a figure a test measured (printed; appended as a JSON line to
+    ``$D4C_BENCH_RECORD`` when set, which is how ``bench/faults.py`` collects them)."""
+
+    def rec(case: str, measure: str, value: float, unit: str = "s") -> None:
+        print(f"{case}: {measure} {value:.1f} {unit}")
+        path = os.environ.get("D4C_BENCH_RECORD")
+        if path:
+            row = {"case": case, "measure": measure, "value": value, "unit": unit}
+            with open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    return rec
+
+
+@pytest.fixture
+def broker_url() -> Iterator[str]:
+    """A private database on the shared Redis, for one test."""
+    with redis_database("d4c:test:stack") as url:
+        yield url
