@@ -37,7 +37,7 @@ _TENANT_OF_KEY = select(ApiKey.tenant_id).where(
     ApiKey.key_hash == bindparam("key_hash"), ApiKey.revoked_at.is_(None)
 )
 # Exactly the columns ``JobOut`` shows: no ORM object, identity map or unshown JSON to decode.
-_JOB_OUT_BY_ID = select(*(getattr(Job, name) for name in JobOut.model_fields)).where(
+JOB_OUT_BY_ID = select(*(getattr(Job, name) for name in JobOut.model_fields)).where(
     Job.id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id")
 )
 
@@ -49,7 +49,7 @@ async def tenant_of_key(conn: AsyncConnection, key_hash: str) -> str | None:
 
 async def read_job(conn: AsyncConnection, tenant_id: str, job_id: str) -> Row[Any] | None:
     """``GET /jobs/{id}``'s one query: the ``JobOut`` columns of the tenant's job, else None."""
-    result = await conn.execute(_JOB_OUT_BY_ID, {"job_id": job_id, "tenant_id": tenant_id})
+    result = await conn.execute(JOB_OUT_BY_ID, {"job_id": job_id, "tenant_id": tenant_id})
     return result.first()
 
 

@@ -264,3 +264,45 @@ def test_queue_depth_reads_the_redis_queue(monkeypatch: pytest.MonkeyPatch) -> N
         assert broker_queue_depth() == 3
     finally:
         r.delete(QUEUE)
+
+
+async def test_access_log_quiet_for_successful_reads_only(
+    client: httpx.AsyncClient, tenant: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Polls are counted in the histogram, not logged; writes, errors and slow requests are
+    logged (the policy that keeps the poll path cheap without losing an event)."""
+    from tests.service.conftest import TINY_JOB
+
+    caplog.set_level("INFO", logger="d4c.access")
+    job = (await client.post("/jobs", json=TINY_JOB, headers=tenant.headers)).json()
+    assert (await client.get(f"/jobs/{job['id']}", headers=tenant.headers)).status_code == 200
+    assert (await client.get("/jobs/" + "0" * 32, headers=tenant.headers)).status_code == 404
+    lines = [(r.method, r.status) for r in caplog.records if r.name == "d4c.access"]  # type: ignore[attr-defined]
+    assert lines == [("POST", 202), ("GET", 404)]
+    samples = parse((await client.get("/metrics")).text)
+    get_ok = sample(
+        samples,
+        "d4c_http_request_duration_seconds_count",
+        method="GET",
+        route="/jobs/{job_id}",
+        status="200",
+    )
+    assert get_ok == 1.0
+
+
+async def test_access_log_logs_everything_without_metrics(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from app.main import AccessLog
+
+    async def ok(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def noop(message: Any) -> None:
+        return None
+
+    caplog.set_level("INFO", logger="d4c.access")
+    scope = {"type": "http", "method": "GET", "path": "/jobs/x"}
+    await AccessLog(ok, histogram=None)(scope, noop, noop)  # type: ignore[arg-type]
+    assert [r.status for r in caplog.records if r.name == "d4c.access"] == [200]  # type: ignore[attr-defined]

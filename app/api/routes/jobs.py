@@ -14,7 +14,7 @@ from fastapi.responses import FileResponse
 from sse_starlette import EventSourceResponse
 
 from app import crud
-from app.api.deps import SessionDep, SettingsDep, TenantDep, read_connection
+from app.api.deps import SessionDep, SettingsDep, TenantDep
 from app.api.problems import Problem, not_found, problem_responses, validation_problem
 from app.db.models import ARTIFACT_NAMES, FINISHED_STATES, Job
 from app.jobspec import request_hash, validate_job
@@ -146,10 +146,9 @@ async def _owned_job(session: SessionDep, tenant_id: str, job_id: str) -> Job:
     responses=problem_responses(401, 404, 422, 503),
 )
 async def get_job(job_id: JobIdPath, request: Request, tenant_id: TenantDep) -> Any:
-    """The hot path clients poll: one SELECT of the shown columns on an autocommit connection
-    (no ORM object, no transaction round trips); FastAPI validates the row into ``JobOut``."""
-    async with read_connection(request) as conn:
-        row = await crud.read_job(conn, tenant_id, job_id)
+    """The hot path clients poll: one SELECT of the shown columns, no ORM object, no
+    transaction (``app.db.job_reader``); FastAPI validates the row into ``JobOut``."""
+    row = await request.app.state.job_reader(tenant_id, job_id)
     if row is None:
         raise not_found("job")
     return row
