@@ -20,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app import crud
 
 # Enough for one API process: a read holds a connection for well under a millisecond.
-POOL_MAX = 16
+POOL_MAX = 20
 CONNECT_TIMEOUT_S = 5
 
 
