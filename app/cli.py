@@ -35,17 +35,25 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 def _db_upgrade(args: argparse.Namespace) -> int:
     from app.core.config import get_settings
-    from app.db.migrate import upgrade
+    from app.db.migrate import MigrationsNotFound, upgrade
 
-    upgrade(get_settings(), args.rev)
+    try:
+        upgrade(get_settings(), args.rev)
+    except MigrationsNotFound as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 
 def _db_downgrade(args: argparse.Namespace) -> int:
     from app.core.config import get_settings
-    from app.db.migrate import downgrade
+    from app.db.migrate import MigrationsNotFound, downgrade
 
-    downgrade(get_settings(), args.rev)
+    try:
+        downgrade(get_settings(), args.rev)
+    except MigrationsNotFound as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

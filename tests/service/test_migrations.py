@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect
@@ -54,3 +55,19 @@ def test_sqlite_pragmas(tmp_path: Path) -> None:
         assert str(row).lower() == "wal"
         assert int(conn.exec_driver_sql("PRAGMA busy_timeout").scalar() or 0) >= 1000
     engine.dispose()
+
+
+def test_db_upgrade_without_migrations_is_a_clear_cli_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A non-editable install has no migrations/ beside the code: say so, exit 2, no
+    traceback, nothing created."""
+    from app.db import migrate
+    from d4c_core.cli import main
+
+    monkeypatch.setattr(migrate, "REPO_ROOT", tmp_path / "site-packages")
+    monkeypatch.setenv("D4C_DATA_DIR", str(tmp_path / "data"))
+    assert main(["db", "upgrade"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: the Alembic migrations are not at") and "pip install -e" in err
+    assert not (tmp_path / "data" / "d4c.db").exists()
