@@ -7,11 +7,11 @@ Why this shape: the issue's target (>= 1,500 req/s at 64 connections, p99 <= 50 
 relative to what the machine can do at all, so the same run also measures a bare FastAPI +
 asyncpg single-row lookup (no auth, no ORM, no middleware), interleaved with the API runs so
 background load hits both alike. The API runs as deployed: ``d4c serve`` (one uvicorn process,
-uvloop/httptools when installed, JSON access log on) on a fresh migrated PostgreSQL database
-with a Redis broker URL, so no embedded worker shares its process. The load generator is a
-separate process: ``wrk`` when on PATH, else a small asyncio HTTP/1.1 keep-alive client in its
-own process (named in the output). Server CPU per request (from /proc) is reported too: on a
-busy machine it moves less than throughput does.
+uvloop/httptools when installed, JSON logs, the latency histogram) on a fresh migrated
+PostgreSQL database with a Redis broker URL, so no embedded worker shares its process. The
+load generator is a separate process: ``wrk`` when on PATH, else a small asyncio HTTP/1.1
+keep-alive client in its own process (named in the output). Server CPU per request (from
+/proc) is reported too: on a busy machine it moves less than throughput does.
 
 Writes a markdown section to ``bench/results/api_load.md`` (and stdout).
 """
@@ -370,7 +370,7 @@ def run(args: argparse.Namespace) -> list[Row]:
                 targets: list[tuple[str, Proc, str, str | None]] = []
                 if bare is not None:
                     targets.append(("bare FastAPI + asyncpg", bare, bare_base, None))
-                targets.append(("d4c API (auth, ORM)", api, api_base, key))
+                targets.append(("d4c API (auth, tenancy)", api, api_base, key))
                 for _ in range(args.rounds):
                     for name, proc, base, k in targets:
                         url = f"{base}/jobs/{job_id}"
@@ -408,8 +408,9 @@ def report(rows: list[Row], args: argparse.Namespace, machine: list[str], pg: st
         f"- PostgreSQL {pg} (127.0.0.1, same machine); load generator: {gen}, "
         f"{args.threads} thread(s), same machine; {args.duration:g} s per run after "
         f"{args.warmup:g} s warm-up; {args.rounds} round(s), servers interleaved",
-        "- API: `d4c serve` (1 uvicorn process, uvloop/httptools when installed, JSON access log "
-        "to a file); baseline: bare FastAPI + asyncpg pool, one `SELECT ... WHERE id = $1`",
+        "- API: `d4c serve` (1 uvicorn process, uvloop/httptools when installed, JSON logs to a "
+        "file, latency histogram; successful reads are counted, not logged); baseline: bare "
+        "FastAPI + asyncpg pool, one `SELECT ... WHERE id = $1`",
         "- server CPU: user+system CPU of the server process per request (PostgreSQL and the "
         "load generator not counted)",
         "",

@@ -83,8 +83,8 @@ def test_report_verdicts(api_load: ModuleType) -> None:
 
     rows = [
         row("bare FastAPI + asyncpg", 64, 2000, 80),
-        row("d4c API (auth, ORM)", 64, 1600, 90),
-        row("d4c API (auth, ORM)", 16, 1400, 60),
+        row("d4c API (auth, tenancy)", 64, 1600, 90),
+        row("d4c API (auth, tenancy)", 16, 1400, 60),
     ]
     args = argparse.Namespace(
         argv=["--quick"], generator="python", threads=1, duration=2.0, warmup=1.0, rounds=1
@@ -92,7 +92,7 @@ def test_report_verdicts(api_load: ModuleType) -> None:
     text = api_load.report(rows, args, ["- machine: test"], "15")
     assert "1,600 (80% of the bare baseline) — met" in text
     assert "p99 ≤ 50 ms at 16 connections: 60.0 ms — NOT met" in text
-    assert "| d4c API (auth, ORM) | 16 | 1,400 |" in text
+    assert "| d4c API (auth, tenancy) | 16 | 1,400 |" in text
 
 
 def test_overhead_body_is_the_cli_recipe(overhead: ModuleType) -> None:
