@@ -54,11 +54,12 @@ def test_in_process_worker_runs_stops_and_resumes(embedded: Settings) -> None:
         job = wait_for(lambda: _finished(settings, quick), 120, "the first job")
         assert job.state == "succeeded", job.error
         # Stop mid-reconstruction: the job goes back to the queue, its units stay on disk.
-        wait_for(
-            lambda: _units_done(settings, long) >= 2,
-            120,
-            "a few finished units",
-        )
+        try:
+            wait_for(lambda: _units_done(settings, long) >= 2, 120, "a few finished units")
+        except AssertionError:
+            row = job_row(settings, long)
+            print("long job:", row.state, row.stage, row.progress, row.attempts, row.worker)
+            raise
     finally:
         worker.stop()
     row = job_row(settings, long)
@@ -85,6 +86,8 @@ def _finished(settings: Settings, job_id: str) -> object:
 
 
 def _units_done(settings: Settings, job_id: str) -> int:
+    row = job_row(settings, job_id)
+    assert row.state not in FINISHED, (row.state, row.error, row.attempts)  # fail fast
     units = settings.work_dir / job_id / "units"
     return len(list(units.glob("*.safetensors"))) if units.is_dir() else 0
 
