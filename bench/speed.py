@@ -115,11 +115,10 @@ def _big_unit(device: str) -> tuple[Unit, torch.Tensor, torch.Tensor]:
     return Unit(0, "vit-b-32-size mlp.c_fc", "image", layer, [layer]), x, y
 
 
-def recon_ratio(iters: int, device: str = "cpu") -> list[str]:
-    rows = [
-        "| unit | input shape | AdaRound+LSQ ms/iter | bare fwd+bwd ms | ratio |",
-        "|---|---|---|---|---|",
-    ]
+def _recon_cases(
+    iters: int, device: str
+) -> list[tuple[str, Unit, torch.Tensor, torch.Tensor, int]]:
+    """Units of both tiny models (range-initialized, inputs cached) plus a ViT-B/32-size layer."""
     cases: list[tuple[str, Unit, torch.Tensor, torch.Tensor, int]] = []
     for arch, picks in (("d4c-tiny-vit", (0, 3, 4, 5)), ("d4c-tiny-rn", (0, 7, 8))):
         lm = load_clip(ModelSpec(arch), device)
@@ -135,14 +134,51 @@ def recon_ratio(iters: int, device: str = "cpu") -> list[str]:
             cases.append((f"{arch} {us[k].name}", us[k], x, y, iters))
     unit, x, y = _big_unit(device)
     cases.append(("ViT-B/32-size mlp.c_fc (768→3072)", unit, x, y, max(10, iters // 5)))
+    return cases
+
+
+def _optimize_ms(unit: Unit, x: torch.Tensor, y: torch.Tensor, n: int) -> float:
+    """ms per iteration of ``optimize_unit`` over ``n`` iterations (after a 5-iteration
+    warm-up that also triggers any compilation)."""
+    optimize_unit(unit, x, y, QuantRecipe(recon_iters=5), 0)
+    _sync(x.device)
+    t0 = time.perf_counter()
+    optimize_unit(unit, x, y, QuantRecipe(recon_iters=n), 0)
+    _sync(x.device)
+    return (time.perf_counter() - t0) / n * 1e3
+
+
+def recon_compiled(iters: int, device: str = "cpu") -> list[str]:
+    """The same units with ``torch.compile`` on the unit's forward (AdaRound soft weights and
+    LSQ fused by inductor; the regularizer and Adam stay eager): what a fused step would buy,
+    and what its compilation costs per unit shape."""
+    rows = [
+        "| unit | eager ms/iter | compiled ms/iter | speed-up | compile s (first call) |",
+        "|---|---|---|---|---|",
+    ]
+    torch._dynamo.reset()
+    for name, unit, x, y, n in _recon_cases(iters, device):
+        t_eager = _optimize_ms(unit, x, y, n)
+        compiled = Unit(unit.index, unit.name, unit.tower, torch.compile(unit.module), unit.layers)
+        t0 = time.perf_counter()
+        optimize_unit(compiled, x, y, QuantRecipe(recon_iters=2), 0)
+        t_compile = time.perf_counter() - t0
+        t_comp = _optimize_ms(compiled, x, y, n)
+        rows.append(
+            f"| {name} | {t_eager:.2f} | {t_comp:.2f} | {t_eager / t_comp:.2f} | {t_compile:.1f} |"
+        )
+    return rows
+
+
+def recon_ratio(iters: int, device: str = "cpu") -> list[str]:
+    rows = [
+        "| unit | input shape | AdaRound+LSQ ms/iter | bare fwd+bwd ms | ratio |",
+        "|---|---|---|---|---|",
+    ]
+    cases = _recon_cases(iters, device)
     for name, unit, x, y, n in cases:
         recipe = QuantRecipe(recon_iters=n)
-        optimize_unit(unit, x, y, QuantRecipe(recon_iters=5), 0)  # warm-up (allocator, cuDNN)
-        _sync(x.device)
-        t0 = time.perf_counter()
-        optimize_unit(unit, x, y, recipe, 0)
-        _sync(x.device)
-        t_opt = (time.perf_counter() - t0) / n
+        t_opt = _optimize_ms(unit, x, y, n) / 1e3
         bare = copy.deepcopy(unit.module)
         gen = torch.Generator().manual_seed(0)
         with fp_mode(bare):
@@ -265,7 +301,7 @@ def synth_real(iters: int, device: str, images: int) -> None:
                 torch.cuda.empty_cache()
 
 
-SECTIONS = ("stages", "sizes", "recon", "synth", "synth-real")
+SECTIONS = ("stages", "sizes", "recon", "recon-compiled", "synth", "synth-real")
 
 
 def main() -> None:
@@ -317,6 +353,12 @@ def main() -> None:
             f"{args.device}):\n"
         )
         print("\n".join(recon_ratio(args.ratio_iters, args.device)) + "\n", flush=True)
+    if "recon-compiled" in sections:
+        print(
+            f"Reconstruction per iteration, eager vs torch.compile of the unit's forward "
+            f"({args.ratio_iters} iterations, batch 32, {args.device}):\n"
+        )
+        print("\n".join(recon_compiled(args.ratio_iters, args.device)) + "\n", flush=True)
     if "synth" in sections:
         print(
             f"D4C synthesis step vs bare image-encoder forward+backward ({args.device}, batch 16 "
