@@ -25,8 +25,8 @@ from app.main import create_app
 from d4c_core.artifacts import verify
 from worker.settings import get_worker_settings
 from worker.testing import (
-    TINY_QUANT_HTTP,
     Process,
+    job_body,
     job_row,
     redis_database,
     service_env,
@@ -76,18 +76,7 @@ def stack(module_pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
 
 def _submit(stack: Stack, recon_iters: int) -> str:
-    body = {
-        "model": {"arch": "d4c-tiny-vit", "pretrained": "builtin"},
-        "bits": "w4a8",
-        "calibration": {
-            "method": "noise",
-            "num_images": 8,
-            "num_prompts": 8,
-            "recon_iters": recon_iters,
-        },
-        "quant": TINY_QUANT_HTTP,
-        "seed": 0,
-    }
+    body = job_body(recon_iters)
     r = stack.client.post("/jobs", json=body, headers=stack.headers)
     assert r.status_code == 202, r.text
     assert r.headers["location"] == f"/jobs/{r.json()['id']}"
