@@ -35,15 +35,18 @@ from worker.testing import (
 )
 
 
+@pytest.fixture
+def stack(
+    make_stack: Callable[..., ServiceStack], private_pg_url: str, broker_url: str
+) -> ServiceStack:
+    """A deployment on a private PostgreSQL database and Redis index (started by the test)."""
+    return make_stack(private_pg_url, broker_url)
+
+
 def test_killed_worker_resumes_from_its_last_unit(
-    make_stack: Callable[..., ServiceStack],
-    private_pg_url: str,
-    broker_url: str,
-    record: Callable[..., None],
-    tmp_path: Path,
+    stack: ServiceStack, record: Callable[..., None], tmp_path: Path
 ) -> None:
     """Fault 1: kill -9 mid-reconstruction; a new worker resumes at the last finished unit."""
-    stack = make_stack(private_pg_url, broker_url)
     stack.start_api()
     stack.start_worker()
     job_id = stack.submit(recon_iters=25)
@@ -68,14 +71,9 @@ def test_killed_worker_resumes_from_its_last_unit(
 
 
 def test_a_second_worker_takes_over_a_killed_workers_job(
-    make_stack: Callable[..., ServiceStack],
-    private_pg_url: str,
-    broker_url: str,
-    record: Callable[..., None],
-    tmp_path: Path,
+    stack: ServiceStack, record: Callable[..., None], tmp_path: Path
 ) -> None:
     """Fault 2: two workers, the one running the job is killed; the other finishes it, once."""
-    stack = make_stack(private_pg_url, broker_url)
     stack.start_api()
     first, second = stack.start_worker(), stack.start_worker()
     job_id = stack.submit(recon_iters=25)
@@ -165,14 +163,9 @@ def test_redis_restarted_without_persistence_loses_no_job(
 
 
 def test_api_restart_during_polling_does_not_touch_jobs(
-    make_stack: Callable[..., ServiceStack],
-    private_pg_url: str,
-    broker_url: str,
-    record: Callable[..., None],
-    tmp_path: Path,
+    stack: ServiceStack, record: Callable[..., None], tmp_path: Path
 ) -> None:
     """Fault 4: the API is killed and started again while a client polls a running job."""
-    stack = make_stack(private_pg_url, broker_url)
     api = stack.start_api()
     stack.start_worker()
     job_id = stack.submit(recon_iters=25)
@@ -277,16 +270,11 @@ def _mount(args: list[str]) -> None:
 
 
 def test_full_or_read_only_artifact_storage_fails_clearly_and_lists_nothing(
-    make_stack: Callable[..., ServiceStack],
-    private_pg_url: str,
-    broker_url: str,
-    record: Callable[..., None],
-    tmp_path: Path,
+    stack: ServiceStack, record: Callable[..., None], tmp_path: Path
 ) -> None:
     """Fault 6: the artifact root is a tiny filesystem (full), then read-only: each job fails
     with a clear storage problem and no artifact is ever listed or served; after space is
     freed the next job succeeds with the same worker."""
-    stack = make_stack(private_pg_url, broker_url)
     root = stack.settings.artifacts_dir
     root.mkdir(parents=True)
     _mount(["-t", "tmpfs", "-o", "size=64k", "tmpfs", str(root)])
