@@ -34,24 +34,20 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
 
 def _db_upgrade(args: argparse.Namespace) -> int:
-    from app.core.config import get_settings
-    from app.db.migrate import MigrationsNotFound, upgrade
-
-    try:
-        upgrade(get_settings(), args.rev)
-    except MigrationsNotFound as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
+    return _migrate("upgrade", args.rev)
 
 
 def _db_downgrade(args: argparse.Namespace) -> int:
+    return _migrate("downgrade", args.rev)
+
+
+def _migrate(direction: str, rev: str) -> int:
     from app.core.config import get_settings
-    from app.db.migrate import MigrationsNotFound, downgrade
+    from app.db import migrate
 
     try:
-        downgrade(get_settings(), args.rev)
-    except MigrationsNotFound as e:
+        getattr(migrate, direction)(get_settings(), rev)
+    except migrate.MigrationsNotFound as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

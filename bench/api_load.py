@@ -42,7 +42,6 @@ from service_harness import (
     BenchError,
     Proc,
     create_key,
-    free_port,
     machine_lines,
     pg_database,
     pg_version,
@@ -52,6 +51,8 @@ from service_harness import (
     wait_http,
     write_section,
 )
+
+from worker.client import free_port
 
 TARGET_RPS_AT_64 = 1500.0
 TARGET_P99_MS_AT_16 = 50.0

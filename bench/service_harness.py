@@ -14,7 +14,6 @@ import datetime
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -91,12 +90,6 @@ def run_d4c(env: dict[str, str], *args: str, timeout: float = 300) -> str:
 def create_key(env: dict[str, str], tenant: str) -> str:
     """``d4c keys create --tenant T``: the key is the last line of stdout."""
     return run_d4c(env, "keys", "create", "--tenant", tenant).strip().splitlines()[-1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Proc:

@@ -34,7 +34,6 @@ from service_harness import (
     Proc,
     create_key,
     d4c_cmd,
-    free_port,
     machine_lines,
     pg_database,
     redis_database,
@@ -43,6 +42,8 @@ from service_harness import (
     wait_http,
     write_section,
 )
+
+from worker.client import free_port
 
 POLL_S = 0.25
 TARGET_RATIO = 1.05

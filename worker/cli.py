@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +65,7 @@ def _worker(args: argparse.Namespace) -> int:
     from worker.celery_app import QUEUE, celery_app
     from worker.reaper import ReaperThread, start_reaper
     from worker.settings import get_worker_settings
+    from worker.tasks import default_worker_id
 
     settings, wsettings = get_settings(), get_worker_settings()
     configure_logging(settings.log_level)
@@ -99,7 +99,7 @@ def _worker(args: argparse.Namespace) -> int:
             "worker",
             f"--pool={args.pool}",
             "--concurrency=1",
-            f"--hostname=d4c-{os.getpid()}@{socket.gethostname()}",
+            f"--hostname={default_worker_id()}",
             f"--queues={QUEUE}",
             f"--loglevel={settings.log_level}",
             "--without-gossip",

@@ -73,7 +73,8 @@ def _default_pretrained(arch: str) -> str | None:
     return BUILTIN_TAG if arch in BUILTIN_ARCHS else None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now (bound, then released)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -96,7 +97,7 @@ def local_server(log_path: Path) -> Iterator[tuple[str, str]]:
     if out.returncode != 0:
         raise D4CError(f"could not create an API key: {out.stderr.strip()[-500:]}")
     key = out.stdout.strip().splitlines()[-1]
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("ab") as log:

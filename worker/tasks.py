@@ -218,8 +218,9 @@ def _metrics(report: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def default_worker_id() -> str:
-    return f"d4c-{os.getpid()}@{socket.gethostname()}"
+def default_worker_id(pid: int | None = None) -> str:
+    """The name a ``d4c worker`` process (this one by default) claims jobs under."""
+    return f"d4c-{pid or os.getpid()}@{socket.gethostname()}"
 
 
 @shared_task(name=TASK_NAME, bind=True, ignore_result=True)

@@ -28,6 +28,7 @@ from sqlalchemy.engine import make_url
 
 from app.db.models import Job, Tenant
 from app.db.session import sync_sessionmaker
+from worker.client import free_port
 
 REDIS_HOST = os.environ.get("D4C_TEST_REDIS_HOST", "127.0.0.1")
 REDIS_PORT = int(os.environ.get("D4C_TEST_REDIS_PORT", "6379"))
@@ -228,26 +229,17 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, every: flo
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
 
 
-def free_port() -> int:
-    """A TCP port nothing listens on right now (bound and released: good enough for tests)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class RedisServer:
     """A private ``redis-server`` without persistence on its own port: a test may kill and
     restart it (the shared server on 6379 is never touched)."""
 
-    def __init__(self, log_path: Path, port: int | None = None) -> None:
+    def __init__(self, log_path: Path) -> None:
         import shutil
 
         self.binary = shutil.which("redis-server")
         if self.binary is None:
             _skip("redis-server is not installed")
-        self.port = port or free_port()
+        self.port = free_port()
         self.log_path = log_path
         self.proc: subprocess.Popen[bytes] | None = None
 
@@ -404,9 +396,9 @@ class ServiceStack:
         return worker
 
     def worker_id(self, worker: Process) -> str:
-        import socket
+        from worker.tasks import default_worker_id
 
-        return f"d4c-{worker.pid}@{socket.gethostname()}"
+        return default_worker_id(worker.pid)
 
     def submit(self, recon_iters: int) -> str:
         r = self.http.post("/jobs", json=job_body(recon_iters))

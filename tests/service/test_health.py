@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 
 import httpx
@@ -12,6 +11,7 @@ from app.core.config import Settings
 from app.main import create_app
 from tests.service.conftest import TINY_JOB, Tenant
 from tests.service.test_jobs_api import assert_problem
+from worker.client import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -27,15 +27,9 @@ async def test_healthz_and_readyz(client: httpx.AsyncClient, broker_up: dict[str
     assert "broker: unreachable" in p["detail"]
 
 
-def _closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.parametrize("scheme", ["postgresql+psycopg", "postgresql"])
 async def test_database_down_is_503(tmp_path: Path, tenant: Tenant, scheme: str) -> None:
-    port = _closed_port()
+    port = free_port()
     settings = Settings(
         data_dir=tmp_path, database_url=f"{scheme}://postgres@127.0.0.1:{port}/nope"
     )

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import socket
 from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -26,6 +25,7 @@ from app.db.models import Job, Tenant, utcnow
 from app.db.session import make_sync_engine
 from app.main import create_app
 from tests.service.test_jobs_api import assert_problem
+from worker.client import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -175,17 +175,11 @@ async def test_http_latency_by_route_template(metrics_client: httpx.AsyncClient)
     assert "process_cpu_seconds_total" in names(s)
 
 
-def _closed_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def test_sources_down_keep_the_scrape_alive(tmp_path: Path) -> None:
     """DB and broker unreachable: still 200, source_up says 0, their series are absent."""
     settings = Settings(
         data_dir=tmp_path,
-        database_url=f"postgresql+psycopg://postgres@127.0.0.1:{_closed_port()}/nope",
+        database_url=f"postgresql+psycopg://postgres@127.0.0.1:{free_port()}/nope",
     )
 
     def broker_down() -> int:
