@@ -11,6 +11,7 @@ read engine.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Mapping
 from typing import Any, Protocol
@@ -54,19 +55,23 @@ class AsyncpgJobReader:
         url = engine.url.set(drivername="postgresql")
         self.dsn = url.render_as_string(hide_password=False)
         self._pool: Any = None
+        self._creating = asyncio.Lock()  # concurrent first requests must not make two pools
 
     async def _get_pool(self) -> Any:
         import asyncpg
 
-        if self._pool is None:
-            self._pool = await asyncpg.create_pool(
-                self.dsn,
-                min_size=0,
-                max_size=POOL_MAX,
-                timeout=CONNECT_TIMEOUT_S,
-                init=_json_codecs,
-                reset=_no_session_reset,
-            )
+        if self._pool is not None:
+            return self._pool
+        async with self._creating:
+            if self._pool is None:
+                self._pool = await asyncpg.create_pool(
+                    self.dsn,
+                    min_size=0,
+                    max_size=POOL_MAX,
+                    timeout=CONNECT_TIMEOUT_S,
+                    init=_json_codecs,
+                    reset=_no_session_reset,
+                )
         return self._pool
 
     async def __call__(self, tenant_id: str, job_id: str) -> Mapping[str, Any] | None:
