@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import importlib.util
 import statistics
 import subprocess
 import sys
@@ -35,15 +34,6 @@ import torch
 from torch import nn
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def _accuracy_module() -> Any:
-    spec = importlib.util.spec_from_file_location("bench_accuracy", ROOT / "bench" / "accuracy.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = mod
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @torch.no_grad()
@@ -112,11 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
 
+    import accuracy as acc  # bench/ is on sys.path when this runs as a script
+
     from d4c_core.calibration import make_calibration, save_contact_sheet
     from d4c_core.models import BUILTIN_TAG, ModelSpec, load_clip
     from d4c_core.recipe import CalibrationRecipe
 
-    acc = _accuracy_module()
     budget = acc.Budget()
     loaded = load_clip(ModelSpec(args.model, pretrained=BUILTIN_TAG))
     visual = loaded.model.visual
