@@ -49,7 +49,9 @@ def test_in_process_worker_runs_stops_and_resumes(embedded: Settings) -> None:
     worker = start_worker_thread(settings)
     try:
         quick = insert_job(settings, tiny_recipe())
-        long = insert_job(settings, tiny_recipe(recon_iters=25))
+        # Long enough that a poll sees it mid-reconstruction even on a fast, quiet machine
+        # (at 25 iterations a whole run fit between two polls, and its units were gone).
+        long = insert_job(settings, tiny_recipe(recon_iters=100))
         assert enqueue(quick) and enqueue(long)
         job = wait_for(lambda: _finished(settings, quick), 120, "the first job")
         assert job.state == "succeeded", job.error

@@ -49,7 +49,7 @@ def test_killed_worker_resumes_from_its_last_unit(
     """Fault 1: kill -9 mid-reconstruction; a new worker resumes at the last finished unit."""
     stack.start_api()
     stack.start_worker()
-    job_id = stack.submit(recon_iters=25)
+    job_id = stack.submit(recon_iters=100)
     wait_for(lambda: stack.units_done(job_id) >= 2, JOB_TIMEOUT_S, "two finished units")
     stack.workers[0].kill()
     t_fault = time.monotonic()
@@ -76,7 +76,7 @@ def test_a_second_worker_takes_over_a_killed_workers_job(
     """Fault 2: two workers, the one running the job is killed; the other finishes it, once."""
     stack.start_api()
     first, second = stack.start_worker(), stack.start_worker()
-    job_id = stack.submit(recon_iters=25)
+    job_id = stack.submit(recon_iters=100)
     wait_for(lambda: stack.units_done(job_id) >= 2, JOB_TIMEOUT_S, "two finished units")
     holder_id = job_row(stack.settings, job_id).worker
     by_id = {stack.worker_id(w): w for w in (first, second)}
