@@ -49,12 +49,14 @@ def test_in_process_worker_runs_stops_and_resumes(embedded: Settings) -> None:
     worker = start_worker_thread(settings)
     try:
         quick = insert_job(settings, tiny_recipe())
-        # Long enough that a poll sees it mid-reconstruction even on a fast, quiet machine
-        # (at 25 iterations a whole run fit between two polls, and its units were gone).
-        long = insert_job(settings, tiny_recipe(recon_iters=100))
-        assert enqueue(quick) and enqueue(long)
+        assert enqueue(quick)
         job = wait_for(lambda: _finished(settings, quick), 120, "the first job")
         assert job.state == "succeeded", job.error
+        # Sent only now: the filesystem broker orders two messages sent in the same
+        # millisecond by a random uuid, so sending both at once let this one run first.
+        # 100 iterations: a poll sees it mid-reconstruction even on a fast, quiet machine.
+        long = insert_job(settings, tiny_recipe(recon_iters=100))
+        assert enqueue(long)
         # Stop mid-reconstruction: the job goes back to the queue, its units stay on disk.
         try:
             wait_for(lambda: _units_done(settings, long) >= 2, 120, "a few finished units")
