@@ -6,7 +6,8 @@ D4C synthesis cost.
 
 Prints a markdown section for BENCHMARKS.md. The reconstruction ratio is the time of one
 AdaRound+LSQ iteration of a unit divided by one bare FP forward+backward of the same unit on
-the same batch (weights requiring grad), both measured in this process, interleaved.
+the same batch (weights requiring grad; and again with the input requiring grad too), all
+measured in this process, one after the other.
 The synthesis ratio is the time of one full D4C step (batch 16 of 128 images: crop, PAE,
 background, encoder, loss, TV, backward, Adam) divided by one bare image-encoder
 forward+backward to the pixels of the same fore- and background views, interleaved.
@@ -171,13 +172,18 @@ def recon_compiled(iters: int, device: str = "cpu") -> list[str]:
 
 
 def recon_ratio(iters: int, device: str = "cpu") -> list[str]:
+    """AdaRound+LSQ ms per iteration vs two bare FP forward+backward passes of the unit:
+    weight gradients only, and weight plus input gradients (what the unit costs inside a
+    network's backward pass). LSQ needs the input gradient (the step's gradient is built from
+    it), so against the first baseline a matmul-bound unit cannot go below ~1.5x: forward,
+    weight-gradient and input-gradient matmuls against two."""
     rows = [
-        "| unit | input shape | AdaRound+LSQ ms/iter | bare fwd+bwd ms | ratio |",
-        "|---|---|---|---|---|",
+        "| unit | input shape | AdaRound+LSQ ms/iter | bare fwd+bwd ms (W grad) | ratio "
+        "| bare ms (W + input grad) | ratio |",
+        "|---|---|---|---|---|---|---|",
     ]
-    cases = _recon_cases(iters, device)
-    for name, unit, x, y, n in cases:
-        recipe = QuantRecipe(recon_iters=n)
+    batch = QuantRecipe().recon_batch
+    for name, unit, x, y, n in _recon_cases(iters, device):
         t_opt = _optimize_ms(unit, x, y, n) / 1e3
         bare = copy.deepcopy(unit.module)
         gen = torch.Generator().manual_seed(0)
@@ -187,19 +193,20 @@ def recon_ratio(iters: int, device: str = "cpu") -> list[str]:
                     m.weight.requires_grad_(True)
 
             def step(
+                input_grad: bool,
                 bare: nn.Module = bare,
                 x: torch.Tensor = x,
                 y: torch.Tensor = y,
-                batch: int = recipe.recon_batch,
                 gen: torch.Generator = gen,
             ) -> None:
                 idx = torch.randint(0, len(x), (batch,), generator=gen)
-                unit_loss(bare(x[idx]), y[idx]).backward()
+                unit_loss(bare(x[idx].requires_grad_(input_grad)), y[idx]).backward()
 
-            t_bare = _time(step, n)
+            t_w = _time(lambda: step(False), n)
+            t_wx = _time(lambda: step(True), n)
         rows.append(
-            f"| {name} | {tuple(x.shape[1:])} | {t_opt * 1e3:.2f} | {t_bare * 1e3:.2f} "
-            f"| {t_opt / t_bare:.2f} |"
+            f"| {name} | {tuple(x.shape[1:])} | {t_opt * 1e3:.2f} | {t_w * 1e3:.2f} "
+            f"| {t_opt / t_w:.2f} | {t_wx * 1e3:.2f} | {t_opt / t_wx:.2f} |"
         )
     return rows
 

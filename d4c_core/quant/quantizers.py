@@ -85,6 +85,51 @@ class _LSQ(torch.autograd.Function):
         return dy * inside, ds * ctx.g, None, None, None
 
 
+class _RectifiedSigmoid(torch.autograd.Function):
+    """AdaRound's ``h(alpha) = clamp(sigmoid(alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)``.
+
+    Forward keeps ``dh/dalpha`` (zero where the clamp is active), so the backward is one
+    multiply; autograd's version re-derives it through sigmoid, affine and clamp masks over
+    every weight element, which on a CPU costs more than a small unit's matmuls.
+    """
+
+    @staticmethod
+    def forward(ctx, alpha: Tensor) -> Tensor:  # type: ignore[override]
+        sig = torch.sigmoid(alpha)
+        raw = sig * (ZETA - GAMMA) + GAMMA
+        h = raw.clamp(0, 1)
+        slope = torch.addcmul(sig, sig, sig, value=-1).mul_(ZETA - GAMMA)  # sig (1 - sig) k
+        ctx.save_for_backward(slope.masked_fill_(raw != h, 0))
+        return h
+
+    @staticmethod
+    def backward(ctx, dh: Tensor) -> Tensor:  # type: ignore[override]
+        (slope,) = ctx.saved_tensors
+        return dh * slope
+
+
+class _RoundLoss(torch.autograd.Function):
+    """AdaRound's regularizer ``sum(1 - |2h - 1|^b)`` with a one-multiply backward.
+
+    ``d/dh = -2 b |2h - 1|^(b-1) sign(2h - 1)``: the forward computes ``|2h - 1|^(b-1)`` once
+    and reuses it for both (b >= 1 in every schedule, so the power is finite at 0).
+    """
+
+    @staticmethod
+    def forward(ctx, h: Tensor, b: float) -> Tensor:  # type: ignore[override]
+        u = h * 2 - 1
+        t = u.abs()
+        p = t.pow(b - 1)
+        loss = h.new_tensor(float(h.numel())) - torch.dot(p.reshape(-1), t.reshape(-1))
+        ctx.save_for_backward(p.mul_(u.sign_()).mul_(-2 * b))
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss: Tensor):  # type: ignore[override]
+        (grad,) = ctx.saved_tensors
+        return dloss * grad, None
+
+
 def lsq_fake_quant(
     x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int, g: float
 ) -> Tensor:
@@ -214,9 +259,10 @@ class WeightQuantizer(nn.Module):
         self.register_buffer("zero_point", torch.zeros(shape))
         self.alpha = nn.Parameter(torch.zeros_like(weight), requires_grad=False)
         self.mode = RoundMode.NEAREST
-        self._floor: Tensor | None = None
-        self._lo: Tensor | None = None
-        self._hi: Tensor | None = None
+        # SOFT mode: weight = base + h * span (see begin_soft); h of the last forward.
+        self._base: Tensor | None = None
+        self._span: Tensor | None = None
+        self._h: Tensor | None = None
 
     def init_range(self, weight: Tensor, **search: float) -> None:
         lo, hi = mse_range(weight.reshape(weight.shape[0], -1), self.bits, **search)  # type: ignore[arg-type]
@@ -232,21 +278,35 @@ class WeightQuantizer(nn.Module):
         self.alpha.data = -torch.log((ZETA - GAMMA) / (frac - GAMMA) - 1)
 
     def begin_soft(self, weight: Tensor) -> None:
-        """Enter SOFT mode, caching what stays fixed while only alpha learns."""
+        """Enter SOFT mode, caching what stays fixed while only alpha learns.
+
+        The soft weight ``clamp(floor(W/s) + h, lo, hi) * s`` (``lo``/``hi`` the code range
+        less the zero point) is ``(base + h * span) * s`` with ``base = clamp(floor, lo, hi)``
+        and ``span = 1`` where ``lo <= floor < hi``, else 0: ``floor`` and the bounds are
+        integers and ``0 <= h <= 1``, so a floor outside that range is clamped whatever h is.
+        One fused multiply-add per step instead of add, clamp, multiply and clamp's masks.
+        """
         self.mode = RoundMode.SOFT
-        self._floor = torch.floor(weight / self.scale)
-        self._lo = self.qmin - self.zero_point
-        self._hi = self.qmax - self.zero_point
+        floor = torch.floor(weight / self.scale)
+        lo, hi = self.qmin - self.zero_point, self.qmax - self.zero_point
+        self._base = torch.minimum(torch.maximum(floor, lo), hi) * self.scale
+        self._span = ((floor >= lo) & (floor < hi)).to(weight.dtype) * self.scale
+        self._h = None
 
     def end_soft(self) -> None:
         self.mode = RoundMode.HARD
-        self._floor = self._lo = self._hi = None
+        self._base = self._span = self._h = None
 
     def h(self) -> Tensor:
-        return torch.clamp(torch.sigmoid(self.alpha) * (ZETA - GAMMA) + GAMMA, 0, 1)
+        """Rectified sigmoid of alpha: the soft rounding offset in [0, 1]."""
+        return _RectifiedSigmoid.apply(self.alpha)
 
     def round_loss(self, b: float) -> Tensor:
-        return (1 - (2 * self.h() - 1).abs().pow(b)).sum()
+        """AdaRound's regularizer on the h of the SOFT forward just run (one sigmoid per
+        step, one backward through it), or on a fresh h. The forward's h is used once: an
+        optimizer step in between would make it stale (fused Adam does not bump versions)."""
+        h, self._h = (self._h if self._h is not None else self.h()), None
+        return _RoundLoss.apply(h, b)
 
     def int_weight(self, weight: Tensor) -> Tensor:
         """Integer codes of the current decision (hard AdaRound, or nearest)."""
@@ -261,9 +321,12 @@ class WeightQuantizer(nn.Module):
         if self.mode == RoundMode.NEAREST:
             return fake_quant(weight, self.scale, self.zero_point, self.qmin, self.qmax)
         if self.mode == RoundMode.SOFT:
-            if self._floor is None:
+            if self._base is None or self._span is None:
                 self.begin_soft(weight)
-            return torch.clamp(self._floor + self.h(), self._lo, self._hi) * self.scale
+                assert self._base is not None and self._span is not None
+            h = self.h()
+            self._h = h
+            return torch.addcmul(self._base, h, self._span)
         return (self.int_weight(weight) - self.zero_point) * self.scale
 
 

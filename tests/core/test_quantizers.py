@@ -336,6 +336,42 @@ def test_round_loss_formula(b: float) -> None:
     np.testing.assert_allclose(wq.round_loss(b).item(), want, rtol=1e-5)
 
 
+@pytest.mark.parametrize("b", [2.0, 8.5, 20.0])
+@pytest.mark.parametrize("bits", [2, 4])
+def test_soft_weight_and_regularizer_gradients_match_float64_autograd(
+    b: float, bits: int
+) -> None:
+    """The hand-written backward of the soft weight and of the regularizer (sharing one h)
+    equals autograd through the plain formula in float64: clamp(floor(W/s) + h, lo, hi) * s
+    and sum(1 - |2h - 1|^b), h the rectified sigmoid. Tolerance: float32 vs float64."""
+    gen = torch.Generator().manual_seed(bits)
+    w = torch.randn(12, 40, generator=gen)
+    wq = WeightQuantizer(w, bits)
+    wq.init_range(w, candidates=10)
+    wq.alpha.data = torch.randn(12, 40, generator=gen) * 4  # clamps on both sides
+    upstream = torch.randn(12, 40, generator=gen)
+    lam = 0.05
+    wq.begin_soft(w)
+    wq.alpha.requires_grad_(True)
+    soft = wq(w)
+    loss = (soft * upstream).sum() + lam * wq.round_loss(b)
+    loss.backward()
+
+    a = wq.alpha.detach().double().requires_grad_(True)
+    s, z = wq.scale.double(), wq.zero_point.double()
+    h = torch.clamp(torch.sigmoid(a) * (ZETA - GAMMA) + GAMMA, 0, 1)
+    assert bool((h == 0).any() and (h == 1).any())
+    codes = torch.floor(w.double() / s)
+    assert bool((codes < -z).any() or (codes >= 2**bits - 1 - z).any())  # clipped codes too
+    ref_soft = torch.clamp(codes + h, wq.qmin - z, wq.qmax - z) * s
+    ref = (ref_soft * upstream.double()).sum() + lam * (1 - (2 * h - 1).abs().pow(b)).sum()
+    ref.backward()
+    assert a.grad is not None and wq.alpha.grad is not None
+    np.testing.assert_allclose(soft.detach().double(), ref_soft.detach(), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(loss.item(), ref.item(), rtol=1e-5)
+    np.testing.assert_allclose(wq.alpha.grad.double(), a.grad, rtol=1e-4, atol=1e-6)
+
+
 # ----------------------------------------------------------------------------- MSE observer
 
 
