@@ -200,7 +200,8 @@ def recon_ratio(iters: int, device: str = "cpu") -> list[str]:
                 gen: torch.Generator = gen,
             ) -> None:
                 idx = torch.randint(0, len(x), (batch,), generator=gen)
-                unit_loss(bare(x[idx].requires_grad_(input_grad)), y[idx]).backward()
+                xb = x.index_select(0, idx).requires_grad_(input_grad)
+                unit_loss(bare(xb), y.index_select(0, idx)).backward()
 
             t_w = _time(lambda: step(False), n)
             t_wx = _time(lambda: step(True), n)

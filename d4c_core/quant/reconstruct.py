@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from open_clip.modified_resnet import Bottleneck, ModifiedResNet
 from torch import Tensor, nn
 
@@ -104,8 +105,9 @@ def capture(
 
 
 def unit_loss(out: Tensor, target: Tensor) -> Tensor:
-    """‖ŷ − y‖² per sample, averaged over the batch (QDrop's lp_loss, p=2)."""
-    return (out - target).pow(2).flatten(1).sum(1).mean()
+    """‖ŷ − y‖² per sample, averaged over the batch (QDrop's lp_loss, p=2): the squared
+    error summed over everything, divided by the batch size (one fused kernel each way)."""
+    return F.mse_loss(out, target, reduction="sum") / out.shape[0]
 
 
 @torch.no_grad()
@@ -176,7 +178,9 @@ def optimize_unit(
             with torch.enable_grad():
                 for it in range(iters):
                     idx = batches[it]
-                    loss = unit_loss(unit.module(inputs[idx]), targets[idx])
+                    # index_select: a few times faster than advanced indexing on CPU.
+                    x, y = inputs.index_select(0, idx), targets.index_select(0, idx)
+                    loss = unit_loss(unit.module(x), y)
                     b = b_schedule(it, iters, recipe)
                     if b is not None:
                         reg = sum(wq.round_loss(b) for wq in wqs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 from open_clip.modified_resnet import Bottleneck
@@ -129,3 +130,12 @@ def test_reconstruction_is_deterministic_under_seed(tiny: dict[str, LoadedModel]
         reconstruct_unit(model, u, images, tokens, recipe, unit_seed(3, u.index))
         alphas.append(u.layers[0].weight_quant.alpha.clone())
     torch.testing.assert_close(alphas[0], alphas[1], rtol=0, atol=0)
+
+
+def test_unit_loss_is_per_sample_squared_error_averaged_over_the_batch() -> None:
+    """QDrop's lp_loss (p=2) against a float64 numpy reference, on 3-D token inputs."""
+    gen = torch.Generator().manual_seed(0)
+    out, target = torch.randn(5, 7, 3, generator=gen), torch.randn(5, 7, 3, generator=gen)
+    o, t = out.double().numpy(), target.double().numpy()
+    want = np.mean([((o[i] - t[i]) ** 2).sum() for i in range(5)])
+    assert unit_loss(out, target).item() == pytest.approx(want, rel=1e-6)
