@@ -171,7 +171,7 @@ def recon_compiled(iters: int, device: str = "cpu") -> list[str]:
     return rows
 
 
-def recon_ratio(iters: int, device: str = "cpu") -> list[str]:
+def _ratio_rows(cases: list[tuple[str, Unit, torch.Tensor, torch.Tensor, int]]) -> list[str]:
     """AdaRound+LSQ ms per iteration vs two bare FP forward+backward passes of the unit:
     weight gradients only, and weight plus input gradients (what the unit costs inside a
     network's backward pass). LSQ needs the input gradient (the step's gradient is built from
@@ -183,7 +183,7 @@ def recon_ratio(iters: int, device: str = "cpu") -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     batch = QuantRecipe().recon_batch
-    for name, unit, x, y, n in _recon_cases(iters, device):
+    for name, unit, x, y, n in cases:
         t_opt = _optimize_ms(unit, x, y, n) / 1e3
         bare = copy.deepcopy(unit.module)
         gen = torch.Generator().manual_seed(0)
@@ -210,6 +210,46 @@ def recon_ratio(iters: int, device: str = "cpu") -> list[str]:
             f"| {t_opt / t_w:.2f} | {t_wx * 1e3:.2f} | {t_opt / t_wx:.2f} |"
         )
     return rows
+
+
+def recon_ratio(iters: int, device: str = "cpu") -> list[str]:
+    return _ratio_rows(_recon_cases(iters, device))
+
+
+REAL_UNITS = {
+    "ViT-B-32": (
+        "visual.transformer.resblocks.0.attn.q_proj",
+        "visual.transformer.resblocks.0.attn.out_proj",
+        "visual.transformer.resblocks.0.mlp.c_fc",
+        "visual.transformer.resblocks.0.mlp.c_proj",
+        "transformer.resblocks.0.attn.q_proj",
+        "transformer.resblocks.0.mlp.c_fc",
+    ),
+    "RN50": ("visual.layer1.0", "visual.layer3.0", "visual.layer4.2", "visual.attnpool.q_proj"),
+}
+
+
+def _real_cases(iters: int, device: str) -> list[tuple[str, Unit, torch.Tensor, torch.Tensor, int]]:
+    """Units of the real ViT-B-32 and RN50 towers (random init: cost does not depend on the
+    weights), range-initialized on 64 random 224 px images and 64 prompts."""
+    cases: list[tuple[str, Unit, torch.Tensor, torch.Tensor, int]] = []
+    for arch, names in REAL_UNITS.items():
+        lm = load_clip(ModelSpec(arch), device)
+        recipe = QuantRecipe(mse_candidates=20, range_init_images=32, range_init_prompts=32)
+        model = quantize_(lm.model, recipe)
+        g = torch.Generator().manual_seed(0)
+        images = torch.randn(64, 3, lm.image_size, lm.image_size, generator=g).to(device)
+        tokens = lm.tokenizer(["a photo of a cat."] * 64).to(device)
+        init_ranges(model, images, tokens, recipe)
+        by_name = {u.name: u for u in units(model)}
+        for name in names:
+            x, y = unit_data(model, by_name[name], images, tokens, 32)
+            cases.append((f"{arch} {name}", by_name[name], x, y, iters))
+    return cases
+
+
+def recon_real(iters: int, device: str = "cpu") -> list[str]:
+    return _ratio_rows(_real_cases(iters, device))
 
 
 def _sync(device: torch.device) -> None:
@@ -309,7 +349,15 @@ def synth_real(iters: int, device: str, images: int) -> None:
                 torch.cuda.empty_cache()
 
 
-SECTIONS = ("stages", "sizes", "recon", "recon-compiled", "synth", "synth-real")
+SECTIONS = (
+    "stages",
+    "sizes",
+    "recon",
+    "recon-real",
+    "recon-compiled",
+    "synth",
+    "synth-real",
+)
 
 
 def main() -> None:
@@ -321,6 +369,7 @@ def main() -> None:
     )
     ap.add_argument("--recon-iters", type=int, default=1000)
     ap.add_argument("--ratio-iters", type=int, default=300)
+    ap.add_argument("--real-ratio-iters", type=int, default=10)
     ap.add_argument("--synth-ratio-reps", type=int, default=100)
     ap.add_argument("--synth-real-iters", type=int, default=3, help="outer iterations timed")
     ap.add_argument("--synth-real-images", type=int, default=128)
@@ -361,6 +410,12 @@ def main() -> None:
             f"{args.device}):\n"
         )
         print("\n".join(recon_ratio(args.ratio_iters, args.device)) + "\n", flush=True)
+    if "recon-real" in sections:
+        print(
+            f"Reconstruction cost per iteration on real-size units (random init, "
+            f"{args.real_ratio_iters} iterations, batch 32, {args.device}):\n"
+        )
+        print("\n".join(recon_real(args.real_ratio_iters, args.device)) + "\n", flush=True)
     if "recon-compiled" in sections:
         print(
             f"Reconstruction per iteration, eager vs torch.compile of the unit's forward "

@@ -160,8 +160,16 @@ def _subsample(rows: Tensor, max_samples: int) -> Tensor:
     """Evenly spaced order statistics of each row: keeps the distribution's shape and extremes."""
     if max_samples <= 0 or rows.shape[1] <= max_samples:
         return rows
-    idx = torch.linspace(0, rows.shape[1] - 1, max_samples, device=rows.device).round().long()
-    return rows.sort(dim=1).values[:, idx]
+    return rows.sort(dim=1).values[:, order_stat_index(rows.shape[1], max_samples, rows.device)]
+
+
+def order_stat_index(n: int, k: int, device: torch.device | None = None) -> Tensor:
+    """``k`` evenly spaced indices into ``0..n-1``, both ends included.
+
+    In float64: float32 counts exactly only to 2^24, and one RN50 activation at range init
+    has more elements than that (the last index rounded up, past the end).
+    """
+    return torch.linspace(0, n - 1, k, dtype=torch.float64, device=device).round().long()
 
 
 def mse_range(

@@ -23,8 +23,10 @@ from d4c_core.quant.quantizers import (
     fake_quant,
     grad_scale,
     mse_range,
+    order_stat_index,
     qparams,
     qrange,
+    quantize_dq,
     quantize_int,
     round_ste,
 )
@@ -338,9 +340,7 @@ def test_round_loss_formula(b: float) -> None:
 
 @pytest.mark.parametrize("b", [2.0, 8.5, 20.0])
 @pytest.mark.parametrize("bits", [2, 4])
-def test_soft_weight_and_regularizer_gradients_match_float64_autograd(
-    b: float, bits: int
-) -> None:
+def test_soft_weight_and_regularizer_gradients_match_float64_autograd(b: float, bits: int) -> None:
     """The hand-written backward of the soft weight and of the regularizer (sharing one h)
     equals autograd through the plain formula in float64: clamp(floor(W/s) + h, lo, hi) * s
     and sum(1 - |2h - 1|^b), h the rectified sigmoid. Tolerance: float32 vs float64."""
@@ -373,6 +373,30 @@ def test_soft_weight_and_regularizer_gradients_match_float64_autograd(
 
 
 # ----------------------------------------------------------------------------- MSE observer
+
+
+@pytest.mark.parametrize("n", [1000, 2**24 + 1, 25_690_112])
+def test_order_stat_index_is_exact_past_float32_integers(n: int) -> None:
+    """Against numpy's float64 linspace; 25,690,112 is an RN50 activation at range init,
+    whose last index float32 rounded to ``n`` (out of bounds)."""
+    idx = order_stat_index(n, 512)
+    want = np.round(np.linspace(0, n - 1, 512)).astype(np.int64)
+    np.testing.assert_array_equal(idx.numpy(), want)
+    assert idx[0] == 0 and idx[-1] == n - 1
+
+
+def test_mse_range_on_a_tensor_larger_than_float32_can_count() -> None:
+    """The RN50 crash, end to end: one row of 2^24 + 3 elements (sorted and subsampled)."""
+    rows = torch.randn(1, 2**24 + 3, generator=torch.Generator().manual_seed(0))
+    lo, hi = mse_range(rows, 4, candidates=5, max_samples=512)
+    assert float(lo) < 0 < float(hi)
+
+    def err(a: torch.Tensor, b: torch.Tensor) -> float:
+        s, z = qparams(a, b, 0, 15)
+        xq = quantize_dq(rows, s[:, None], z[:, None], 0, 15)
+        return float((xq - rows).abs().pow(2.4).mean())
+
+    assert err(lo, hi) <= err(rows.min(1).values, rows.max(1).values)
 
 
 def distribution(name: str, rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
