@@ -61,8 +61,8 @@ class _LSQ(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, lo: Tensor, hi: Tensor, g: float) -> Tensor:  # type: ignore[override]
-        # In place wherever a buffer is free: each fresh activation-sized tensor costs its
-        # page faults on a CPU (half the time of this function at ViT-B sizes).
+        # In place wherever a buffer is free: on a CPU each fresh activation-sized tensor is
+        # an allocation and a pass over cold memory (in place halved this at ViT-B sizes).
         xs = x / scale
         r = torch.round(xs)
         q = torch.clamp(r, lo, hi)
