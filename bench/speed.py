@@ -116,26 +116,57 @@ def _big_unit(device: str) -> tuple[Unit, torch.Tensor, torch.Tensor]:
     return Unit(0, "vit-b-32-size mlp.c_fc", "image", layer, [layer]), x, y
 
 
-def _recon_cases(
-    iters: int, device: str
-) -> list[tuple[str, Unit, torch.Tensor, torch.Tensor, int]]:
-    """Units of both tiny models (range-initialized, inputs cached) plus a ViT-B/32-size layer."""
-    cases: list[tuple[str, Unit, torch.Tensor, torch.Tensor, int]] = []
-    for arch, picks in (("d4c-tiny-vit", (0, 3, 4, 5)), ("d4c-tiny-rn", (0, 7, 8))):
+Case = tuple[str, Unit, torch.Tensor, torch.Tensor, int]  # name, unit, inputs, targets, iters
+
+# Units timed per architecture, by name: ViT/text Linears, ResNet blocks, attention pool.
+TINY_UNITS = {
+    "d4c-tiny-vit": (
+        "visual.transformer.resblocks.0.attn.q_proj",
+        "visual.transformer.resblocks.0.attn.out_proj",
+        "visual.transformer.resblocks.0.mlp.c_fc",
+        "visual.transformer.resblocks.0.mlp.c_proj",
+    ),
+    "d4c-tiny-rn": ("visual.layer1.0", "visual.layer4.1", "visual.attnpool.q_proj"),
+}
+REAL_UNITS = {
+    "ViT-B-32": (
+        "visual.transformer.resblocks.0.attn.q_proj",
+        "visual.transformer.resblocks.0.attn.out_proj",
+        "visual.transformer.resblocks.0.mlp.c_fc",
+        "visual.transformer.resblocks.0.mlp.c_proj",
+        "transformer.resblocks.0.attn.q_proj",
+        "transformer.resblocks.0.mlp.c_fc",
+    ),
+    "RN50": ("visual.layer1.0", "visual.layer3.0", "visual.layer4.2", "visual.attnpool.q_proj"),
+}
+
+
+def _unit_cases(
+    picks: dict[str, tuple[str, ...]], n_images: int, iters: int, device: str
+) -> list[Case]:
+    """The named units of each architecture (default weights: cost does not depend on them),
+    range-initialized on ``n_images`` random images and 64 prompts, inputs cached."""
+    cases: list[Case] = []
+    for arch, names in picks.items():
         lm = load_clip(ModelSpec(arch), device)
         recipe = QuantRecipe(mse_candidates=20)
-        model = quantize_(copy.deepcopy(lm.model), recipe)
+        model = quantize_(lm.model, recipe)
         g = torch.Generator().manual_seed(0)
-        images = torch.randn(128, 3, lm.image_size, lm.image_size, generator=g).to(device)
+        images = torch.randn(n_images, 3, lm.image_size, lm.image_size, generator=g).to(device)
         tokens = lm.tokenizer(["a photo of a cat."] * 64).to(device)
         init_ranges(model, images, tokens, recipe)
-        us = units(model)
-        for k in picks:
-            x, y = unit_data(model, us[k], images, tokens, 64)
-            cases.append((f"{arch} {us[k].name}", us[k], x, y, iters))
-    unit, x, y = _big_unit(device)
-    cases.append(("ViT-B/32-size mlp.c_fc (768→3072)", unit, x, y, max(10, iters // 5)))
+        by_name = {u.name: u for u in units(model)}
+        for name in names:
+            x, y = unit_data(model, by_name[name], images, tokens, 32)
+            cases.append((f"{arch} {name}", by_name[name], x, y, iters))
     return cases
+
+
+def _recon_cases(iters: int, device: str) -> list[Case]:
+    """Units of both tiny models plus a ViT-B/32-size layer."""
+    unit, x, y = _big_unit(device)
+    big = ("ViT-B/32-size mlp.c_fc (768→3072)", unit, x, y, max(10, iters // 5))
+    return [*_unit_cases(TINY_UNITS, 128, iters, device), big]
 
 
 def _optimize_ms(unit: Unit, x: torch.Tensor, y: torch.Tensor, n: int) -> float:
@@ -171,7 +202,7 @@ def recon_compiled(iters: int, device: str = "cpu") -> list[str]:
     return rows
 
 
-def _ratio_rows(cases: list[tuple[str, Unit, torch.Tensor, torch.Tensor, int]]) -> list[str]:
+def _ratio_rows(cases: list[Case]) -> list[str]:
     """AdaRound+LSQ ms per iteration vs two bare FP forward+backward passes of the unit:
     weight gradients only, and weight plus input gradients (what the unit costs inside a
     network's backward pass). LSQ needs the input gradient (the step's gradient is built from
@@ -216,40 +247,8 @@ def recon_ratio(iters: int, device: str = "cpu") -> list[str]:
     return _ratio_rows(_recon_cases(iters, device))
 
 
-REAL_UNITS = {
-    "ViT-B-32": (
-        "visual.transformer.resblocks.0.attn.q_proj",
-        "visual.transformer.resblocks.0.attn.out_proj",
-        "visual.transformer.resblocks.0.mlp.c_fc",
-        "visual.transformer.resblocks.0.mlp.c_proj",
-        "transformer.resblocks.0.attn.q_proj",
-        "transformer.resblocks.0.mlp.c_fc",
-    ),
-    "RN50": ("visual.layer1.0", "visual.layer3.0", "visual.layer4.2", "visual.attnpool.q_proj"),
-}
-
-
-def _real_cases(iters: int, device: str) -> list[tuple[str, Unit, torch.Tensor, torch.Tensor, int]]:
-    """Units of the real ViT-B-32 and RN50 towers (random init: cost does not depend on the
-    weights), range-initialized on 64 random 224 px images and 64 prompts."""
-    cases: list[tuple[str, Unit, torch.Tensor, torch.Tensor, int]] = []
-    for arch, names in REAL_UNITS.items():
-        lm = load_clip(ModelSpec(arch), device)
-        recipe = QuantRecipe(mse_candidates=20, range_init_images=32, range_init_prompts=32)
-        model = quantize_(lm.model, recipe)
-        g = torch.Generator().manual_seed(0)
-        images = torch.randn(64, 3, lm.image_size, lm.image_size, generator=g).to(device)
-        tokens = lm.tokenizer(["a photo of a cat."] * 64).to(device)
-        init_ranges(model, images, tokens, recipe)
-        by_name = {u.name: u for u in units(model)}
-        for name in names:
-            x, y = unit_data(model, by_name[name], images, tokens, 32)
-            cases.append((f"{arch} {name}", by_name[name], x, y, iters))
-    return cases
-
-
 def recon_real(iters: int, device: str = "cpu") -> list[str]:
-    return _ratio_rows(_real_cases(iters, device))
+    return _ratio_rows(_unit_cases(REAL_UNITS, 64, iters, device))
 
 
 def _sync(device: torch.device) -> None:
