@@ -164,6 +164,11 @@ class QuantRecipe(_Versioned):
                 raise SpecError(f"QuantRecipe.{n} must be >= 0")
         if not 0 <= self.adaround_warmup < 1:
             raise SpecError("QuantRecipe.adaround_warmup must be in [0, 1)")
+        # |2h - 1|^(b - 1) in the regularizer's gradient is infinite at h = 1/2 for b < 1.
+        if not 1 <= self.adaround_b_end <= self.adaround_b_start:
+            raise SpecError("QuantRecipe needs 1 <= adaround_b_end <= adaround_b_start")
+        if self.adaround_lambda < 0:
+            raise SpecError("QuantRecipe.adaround_lambda must be >= 0")
         if not (self.quantize_image or self.quantize_text):
             raise SpecError("at least one tower must be quantized")
 

@@ -55,22 +55,21 @@ class _LSQ(torch.autograd.Function):
     ``y = clamp(round(x/s), lo, hi) * s`` with ``lo = qmin - z``, ``hi = qmax - z``.
     Gradients: x gets the STE mask ``lo <= round(x/s) <= hi``; s gets
     ``g * sum(dy * (round(x/s) - x/s))`` inside the grid and ``g * sum(dy * bound)`` outside.
-    Same math as ``fake_quant`` + ``grad_scale`` at a quarter of its cost on a CPU, where it
-    is most of a small unit's reconstruction step.
+    Same math as ``fake_quant`` + ``grad_scale`` at a fraction of its cost on a CPU, where it
+    is a large part of a small unit's reconstruction step.
     """
 
     @staticmethod
     def forward(ctx, x: Tensor, scale: Tensor, lo: Tensor, hi: Tensor, g: float) -> Tensor:  # type: ignore[override]
-        # In place wherever a buffer is free: on a CPU each fresh activation-sized tensor is
-        # an allocation and a pass over cold memory (in place halved this at ViT-B sizes).
+        # Six passes over the activation, three buffers: on a CPU each fresh activation-sized
+        # tensor is an allocation and a pass over cold memory, so buffers are reused in place.
         xs = x / scale
         r = torch.round(xs)
         q = torch.clamp(r, lo, hi)
-        # 1 where rounding stayed inside the grid, else 0; arithmetic, since bool kernels are
-        # several times slower than float ones on CPU.
-        inside = r.sub_(q).abs_().neg_().add_(1).clamp_(min=0)
+        # 1.0 where rounding stayed inside the grid, else 0.0, written over r.
+        inside = torch.eq(r, q, out=r)
         # d y / d s per element: round(x/s) - x/s inside the grid, the bound outside.
-        dyds = xs.mul_(inside).neg_().add_(q)
+        dyds = torch.addcmul(q, xs, inside, value=-1, out=xs)
         ctx.save_for_backward(inside, dyds)
         ctx.g = g
         ctx.scale_shape = scale.shape
@@ -79,11 +78,15 @@ class _LSQ(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy: Tensor):  # type: ignore[override]
         inside, dyds = ctx.saved_tensors
+        # The saved buffers are consumed in place: one backward per forward (a second one
+        # would fail autograd's version check rather than read them).
         if ctx.scale_shape.numel() > 1:
-            ds = (dy * dyds).flatten(0, -2).sum(0)
+            ds = dyds.mul_(dy).flatten(0, -2).sum(0)
         else:
             ds = torch.dot(dy.reshape(-1), dyds.reshape(-1)).reshape(ctx.scale_shape)
-        return dy * inside, ds * ctx.g, None, None, None
+        # A unit's cached input needs no gradient: skip the activation-sized multiply.
+        dx = inside.mul_(dy) if ctx.needs_input_grad[0] else None
+        return dx, ds * ctx.g, None, None, None
 
 
 class _RectifiedSigmoid(torch.autograd.Function):
@@ -91,16 +94,18 @@ class _RectifiedSigmoid(torch.autograd.Function):
 
     Forward keeps ``dh/dalpha`` (zero where the clamp is active), so the backward is one
     multiply; autograd's version re-derives it through sigmoid, affine and clamp masks over
-    every weight element, which on a CPU costs more than a small unit's matmuls.
+    every weight element, which on a CPU costs more than a small unit's matmuls. The clamp
+    mask is a float 0/1 from ``eq(..., out=float)``: boolean kernels (``!=``,
+    ``masked_fill_``) took ~20x a multiply's time on 262k weights here.
     """
 
     @staticmethod
     def forward(ctx, alpha: Tensor) -> Tensor:  # type: ignore[override]
         sig = torch.sigmoid(alpha)
-        raw = sig * (ZETA - GAMMA) + GAMMA
+        raw = torch.mul(sig, ZETA - GAMMA).add_(GAMMA)
         h = raw.clamp(0, 1)
         slope = torch.addcmul(sig, sig, sig, value=-1).mul_(ZETA - GAMMA)  # sig (1 - sig) k
-        ctx.save_for_backward(slope.masked_fill_(raw != h, 0))
+        ctx.save_for_backward(slope.mul_(torch.eq(raw, h, out=raw)))
         return h
 
     @staticmethod
@@ -113,14 +118,16 @@ class _RoundLoss(torch.autograd.Function):
     """AdaRound's regularizer ``sum(1 - |2h - 1|^b)`` with a one-multiply backward.
 
     ``d/dh = -2 b |2h - 1|^(b-1) sign(2h - 1)``: the forward computes ``|2h - 1|^(b-1)`` once
-    and reuses it for both (b >= 1 in every schedule, so the power is finite at 0).
+    and reuses it for both, as ``exp((b-1) log t)`` in place (``pow`` with a fractional
+    exponent took twice as long here). ``b >= 1`` (the recipe checks it); at ``t = 0`` the
+    log is -inf and the power 0, except ``b = 1``, where it is 1.
     """
 
     @staticmethod
     def forward(ctx, h: Tensor, b: float) -> Tensor:  # type: ignore[override]
-        u = h * 2 - 1
+        u = torch.mul(h, 2).sub_(1)
         t = u.abs()
-        p = t.pow(b - 1)
+        p = torch.ones_like(t) if b == 1 else torch.log(t).mul_(b - 1).exp_()
         loss = h.new_tensor(float(h.numel())) - torch.dot(p.reshape(-1), t.reshape(-1))
         ctx.save_for_backward(p.mul_(u.sign_()).mul_(-2 * b))
         return loss

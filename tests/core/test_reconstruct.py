@@ -139,3 +139,16 @@ def test_unit_loss_is_per_sample_squared_error_averaged_over_the_batch() -> None
     o, t = out.double().numpy(), target.double().numpy()
     want = np.mean([((o[i] - t[i]) ** 2).sum() for i in range(5)])
     assert unit_loss(out, target).item() == pytest.approx(want, rel=1e-6)
+
+
+def test_unit_loss_gradient_matches_float64_autograd() -> None:
+    """The hand-written backward against autograd of the plain formula in float64, with a
+    non-unit upstream gradient (the loss is scaled before backward in a real step)."""
+    gen = torch.Generator().manual_seed(1)
+    out, target = torch.randn(6, 9, 4, generator=gen), torch.randn(6, 9, 4, generator=gen)
+    o = out.clone().requires_grad_(True)
+    (unit_loss(o, target) * 0.37).backward()
+    o64 = out.double().requires_grad_(True)
+    (((o64 - target.double()) ** 2).sum() / 6 * 0.37).backward()
+    assert o.grad is not None and o64.grad is not None
+    torch.testing.assert_close(o.grad.double(), o64.grad, rtol=1e-6, atol=1e-7)
