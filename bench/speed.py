@@ -202,12 +202,16 @@ def recon_compiled(iters: int, device: str = "cpu") -> list[str]:
     return rows
 
 
-def _ratio_rows(cases: list[Case]) -> list[str]:
+def _ratio_rows(cases: list[Case], reps: int = 5) -> list[str]:
     """AdaRound+LSQ ms per iteration vs two bare FP forward+backward passes of the unit:
     weight gradients only, and weight plus input gradients (what the unit costs inside a
     network's backward pass). LSQ needs the input gradient (the step's gradient is built from
     it), so against the first baseline a matmul-bound unit cannot go below ~1.5x: forward,
-    weight-gradient and input-gradient matmuls against two."""
+    weight-gradient and input-gradient matmuls against two.
+
+    The three are timed in turn ``reps`` times (each over ``iters / reps`` iterations) and
+    each column is a median: on a shared box a burst of other load then hits one repetition
+    of all three instead of one whole column."""
     rows = [
         "| unit | input shape | AdaRound+LSQ ms/iter | bare fwd+bwd ms (W grad) | ratio "
         "| bare ms (W + input grad) | ratio |",
@@ -215,9 +219,12 @@ def _ratio_rows(cases: list[Case]) -> list[str]:
     ]
     batch = QuantRecipe().recon_batch
     for name, unit, x, y, n in cases:
-        t_opt = _optimize_ms(unit, x, y, n) / 1e3
         bare = copy.deepcopy(unit.module)
         gen = torch.Generator().manual_seed(0)
+        per = max(2, n // reps)
+        t_opt: list[float] = []
+        t_w: list[float] = []
+        t_wx: list[float] = []
         with fp_mode(bare):
             for m in bare.modules():
                 if isinstance(m, QuantLayer):
@@ -234,11 +241,14 @@ def _ratio_rows(cases: list[Case]) -> list[str]:
                 xb = x.index_select(0, idx).requires_grad_(input_grad)
                 unit_loss(bare(xb), y.index_select(0, idx)).backward()
 
-            t_w = _time(lambda: step(False), n)
-            t_wx = _time(lambda: step(True), n)
+            for _ in range(reps):
+                t_opt.append(_optimize_ms(unit, x, y, per) / 1e3)
+                t_w.append(_time(lambda: step(False), per))
+                t_wx.append(_time(lambda: step(True), per))
+        m_opt, m_w, m_wx = (statistics.median(t) for t in (t_opt, t_w, t_wx))
         rows.append(
-            f"| {name} | {tuple(x.shape[1:])} | {t_opt * 1e3:.2f} | {t_w * 1e3:.2f} "
-            f"| {t_opt / t_w:.2f} | {t_wx * 1e3:.2f} | {t_opt / t_wx:.2f} |"
+            f"| {name} | {tuple(x.shape[1:])} | {m_opt * 1e3:.2f} | {m_w * 1e3:.2f} "
+            f"| {m_opt / m_w:.2f} | {m_wx * 1e3:.2f} | {m_opt / m_wx:.2f} |"
         )
     return rows
 
@@ -405,14 +415,15 @@ def main() -> None:
             print("\n".join(size_ratios(root)) + "\n", flush=True)
     if "recon" in sections:
         print(
-            f"Reconstruction cost per iteration ({args.ratio_iters} iterations, batch 32, "
-            f"{args.device}):\n"
+            f"Reconstruction cost per iteration ({args.ratio_iters} iterations in 5 "
+            f"interleaved repetitions, medians, batch 32, {args.device}):\n"
         )
         print("\n".join(recon_ratio(args.ratio_iters, args.device)) + "\n", flush=True)
     if "recon-real" in sections:
         print(
             f"Reconstruction cost per iteration on real-size units (random init, "
-            f"{args.real_ratio_iters} iterations, batch 32, {args.device}):\n"
+            f"{args.real_ratio_iters} iterations in 5 interleaved repetitions, medians, "
+            f"batch 32, {args.device}):\n"
         )
         print("\n".join(recon_real(args.real_ratio_iters, args.device)) + "\n", flush=True)
     if "recon-compiled" in sections:
