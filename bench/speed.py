@@ -202,7 +202,11 @@ def recon_compiled(iters: int, device: str = "cpu") -> list[str]:
     return rows
 
 
-def _ratio_rows(cases: list[Case], reps: int = 5) -> list[str]:
+# Reconstruction ratios: step and baselines timed in turn this many times, medians reported.
+RATIO_REPS = 5
+
+
+def _ratio_rows(cases: list[Case], reps: int = RATIO_REPS) -> list[str]:
     """AdaRound+LSQ ms per iteration vs two bare FP forward+backward passes of the unit:
     weight gradients only, and weight plus input gradients (what the unit costs inside a
     network's backward pass). LSQ needs the input gradient (the step's gradient is built from
@@ -415,14 +419,14 @@ def main() -> None:
             print("\n".join(size_ratios(root)) + "\n", flush=True)
     if "recon" in sections:
         print(
-            f"Reconstruction cost per iteration ({args.ratio_iters} iterations in 5 "
+            f"Reconstruction cost per iteration ({args.ratio_iters} iterations in {RATIO_REPS} "
             f"interleaved repetitions, medians, batch 32, {args.device}):\n"
         )
         print("\n".join(recon_ratio(args.ratio_iters, args.device)) + "\n", flush=True)
     if "recon-real" in sections:
         print(
             f"Reconstruction cost per iteration on real-size units (random init, "
-            f"{args.real_ratio_iters} iterations in 5 interleaved repetitions, medians, "
+            f"{args.real_ratio_iters} iterations in {RATIO_REPS} interleaved repetitions, medians, "
             f"batch 32, {args.device}):\n"
         )
         print("\n".join(recon_real(args.real_ratio_iters, args.device)) + "\n", flush=True)
