@@ -46,7 +46,14 @@ from d4c_core.calibration.synthesis import (
 from d4c_core.models import ModelSpec, load_clip
 from d4c_core.pipeline import JobSpec, run
 from d4c_core.quant.range_init import init_ranges
-from d4c_core.quant.reconstruct import Unit, optimize_unit, unit_data, unit_loss, units
+from d4c_core.quant.reconstruct import (
+    Unit,
+    optimize_unit,
+    unit_data,
+    unit_loss,
+    unit_optimizer,
+    units,
+)
 from d4c_core.quant.wrap import QuantLayer, fp_mode, quantize_
 from d4c_core.recipe import CalibrationRecipe, QuantRecipe, Recipe, SynthRecipe
 
@@ -219,14 +226,13 @@ def _ratio_rows(cases: list[Case], reps: int = RATIO_REPS) -> list[str]:
     """AdaRound+LSQ ms per iteration vs two bare FP forward+backward passes of the unit:
     weight gradients only, and weight plus input gradients (what the unit costs inside a
     network's backward pass). LSQ needs the input gradient (the step's gradient is built from
-    it), so against the first baseline a matmul-bound unit cannot go below ~1.5x: forward,
-    weight-gradient and input-gradient matmuls against two.
+    it), so a step computes every product of the second baseline.
 
-    The last two columns are a floor no implementation of the recipe goes below: the bare step
-    with the input gradient (every product a step must compute) plus the fused Adam update of
-    the unit's rounding variables and steps (every weight's alpha moves each iteration). A
-    floor ratio above 1.5 means the 1.5x target is out of reach for that unit whatever the
-    element-wise code does.
+    The last two columns are a floor no implementation of the recipe with these kernels goes
+    below: the bare step with the input gradient (every product a step must compute) plus the
+    fused Adam update of the unit's rounding variables and steps (every weight's alpha moves
+    each iteration). A floor ratio above 1.5 means the 1.5x target is out of reach for that
+    unit whatever the element-wise code does.
 
     The four are timed in turn ``reps`` times (each over ``iters / reps`` iterations) and
     each column is a median: on a shared box a burst of other load then hits one repetition
@@ -277,18 +283,13 @@ def _ratio_rows(cases: list[Case], reps: int = RATIO_REPS) -> list[str]:
 
 
 def _adam_update(unit: Unit) -> Callable[[], None]:
-    """One step of the optimizer ``optimize_unit`` builds (fused Adam, alpha and step groups),
-    on copies of the unit's parameters with fixed gradients."""
+    """One step of the optimizer ``optimize_unit`` uses, on copies of the unit's parameters
+    with fixed gradients."""
     alphas = [layer.weight_quant.alpha.detach().clone() for layer in unit.layers]
     steps = [layer.act_quant.scale.detach().clone() for layer in unit.layers]
     for p in alphas + steps:
         p.grad = torch.randn_like(p) * 1e-3
-    recipe = QuantRecipe()
-    opt = torch.optim.Adam(
-        [{"params": alphas, "lr": recipe.lr_alpha}, {"params": steps, "lr": recipe.lr_act_image}],
-        fused=True,
-    )
-    return opt.step
+    return unit_optimizer(alphas, steps, QuantRecipe(), unit.tower).step
 
 
 def recon_ratio(iters: int, device: str = "cpu") -> list[str]:

@@ -165,30 +165,37 @@ class UnitResult:
     seconds: float = 0.0
 
 
+def unit_optimizer(
+    alphas: list[Tensor], steps: list[Tensor], recipe: QuantRecipe, tower: str
+) -> torch.optim.Adam:
+    """One fused Adam with two groups, rounding variables then input steps (whose lr the
+    loop anneals): the per-iteration update is one kernel call next to the unit's forward
+    and backward."""
+    lr_act = recipe.lr_act_image if tower == "image" else recipe.lr_act_text
+    return torch.optim.Adam(
+        [{"params": alphas, "lr": recipe.lr_alpha}, {"params": steps, "lr": lr_act}],
+        fused=True,
+    )
+
+
 def optimize_unit(
     unit: Unit, inputs: Tensor, targets: Tensor, recipe: QuantRecipe, seed: int
 ) -> None:
-    """AdaRound on the unit's weights and LSQ on its input steps; ends in hard rounding.
-
-    One Adam with two groups (alpha; steps with a cosine-to-zero lr) keeps the per-iteration
-    overhead to a handful of kernels next to the unit's own forward and backward.
-    """
+    """AdaRound on the unit's weights and LSQ on its input steps (cosine-to-zero lr); ends
+    in hard rounding."""
     iters = recipe.recon_iters
     wqs = [layer.weight_quant for layer in unit.layers]
     alphas = [wq.alpha for wq in wqs]
     steps = [layer.act_quant.scale for layer in unit.layers]
-    lr_act = recipe.lr_act_image if unit.tower == "image" else recipe.lr_act_text
     for layer in unit.layers:
         layer.weight_quant.begin_soft(layer.weight)
     for p in alphas + steps:
         p.requires_grad_(True)
     try:
         if iters:
-            opt = torch.optim.Adam(
-                [{"params": alphas, "lr": recipe.lr_alpha}, {"params": steps, "lr": lr_act}],
-                fused=True,
-            )
+            opt = unit_optimizer(alphas, steps, recipe, unit.tower)
             act_group = opt.param_groups[1]
+            lr_act = act_group["lr"]
             gen = torch.Generator().manual_seed(seed)
             # Drawn at once on the CPU (the same stream as one draw per iteration), moved once:
             # no host-to-device copy per iteration on a GPU.
