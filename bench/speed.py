@@ -225,14 +225,13 @@ RATIO_REPS = 5
 def _ratio_rows(cases: list[Case], reps: int = RATIO_REPS) -> list[str]:
     """AdaRound+LSQ ms per iteration vs two bare FP forward+backward passes of the unit:
     weight gradients only, and weight plus input gradients (what the unit costs inside a
-    network's backward pass). LSQ needs the input gradient (the step's gradient is built from
-    it), so a step computes every product of the second baseline.
+    network's backward pass).
 
     The last two columns are a floor no implementation of the recipe with these kernels goes
-    below: the bare step with the input gradient (every product a step must compute) plus the
-    fused Adam update of the unit's rounding variables and steps (every weight's alpha moves
-    each iteration). A floor ratio above 1.5 means the 1.5x target is out of reach for that
-    unit whatever the element-wise code does.
+    below: the bare step with the input gradient (LSQ's step gradient is built from it, so a
+    step computes every one of its products) plus the fused Adam update of the unit's rounding
+    variables and steps (every weight's alpha moves each iteration). A floor ratio above 1.5
+    means the 1.5x target is out of reach for that unit whatever the element-wise code does.
 
     The four are timed in turn ``reps`` times (each over ``iters / reps`` iterations) and
     each column is a median: on a shared box a burst of other load then hits one repetition
