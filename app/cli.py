@@ -1,4 +1,8 @@
-"""Subcommands this package adds to ``d4c`` (entry-point group ``d4c.cli``): serve, db, keys."""
+"""Subcommands this package adds to ``d4c`` (entry-point group ``d4c.cli``): db, keys.
+
+``d4c serve`` is registered by ``worker.cli`` (``worker.serve``): on the embedded default it
+runs a worker in the API process, and ``app`` never imports ``worker``.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +15,7 @@ if TYPE_CHECKING:
 
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    """Add ``serve``, ``db upgrade|downgrade`` and ``keys create`` to the ``d4c`` parser."""
-    p = sub.add_parser("serve", help="run the HTTP API (plus a worker on the embedded default)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.set_defaults(func=_serve)
-
+    """Add ``db upgrade|downgrade`` and ``keys create`` to the ``d4c`` parser."""
     db = sub.add_parser("db", help="job database migrations")
     dbsub = db.add_subparsers(dest="db_command", required=True)
     up = dbsub.add_parser("upgrade", help="migrate to the newest schema")
@@ -28,7 +27,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
 
     keys = sub.add_parser("keys", help="API keys")
     ksub = keys.add_subparsers(dest="keys_command", required=True)
-    kc = ksub.add_parser("create", help="create an API key (printed once, as the last line)")
+    kc = ksub.add_parser(
+        "create",
+        help="create an API key (printed once, as the last line)",
+        description="Store a new key's hash in the job database: ./d4c-data/d4c.db by default "
+        "(D4C_DATA_DIR), or D4C_DATABASE_URL. `d4c serve` must run with the same settings "
+        "(the same working directory on the default) to accept it.",
+    )
     kc.add_argument("--tenant", required=True, help="tenant name (created if missing)")
     kc.set_defaults(func=_keys_create)
 
@@ -77,56 +82,18 @@ def _keys_create(args: argparse.Namespace) -> int:
     from app.core.config import get_settings
 
     settings = get_settings()
-    if settings.embedded:
+    if settings.sqlite:  # a local file nobody else migrates (only a server DB needs `d4c db`)
         from app.db.migrate import upgrade
 
         upgrade(settings)
     key = create_key(args.tenant)
-    print(f"API key for tenant {args.tenant!r} (shown once; only its hash is stored):")
+    where = (
+        f"the SQLite file {settings.db_url.removeprefix('sqlite:///')} (D4C_DATA_DIR)"
+        if settings.sqlite
+        else "the database of D4C_DATABASE_URL"
+    )
+    # The key only works against a server reading the same database: say which one.
+    print(f"API key for tenant {args.tenant!r}, stored (hashed) in {where}; a `d4c serve`")
+    print("with the same settings accepts it. Shown once:")
     print(key)
     return 0
-
-
-def _serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from app.core.config import get_settings
-    from app.core.logging import configure_logging
-    from app.main import create_app
-
-    settings = get_settings()
-    configure_logging(settings.log_level)
-    stop = None
-    if settings.embedded:
-        # Embedded default: migrate the SQLite file and run a worker in this process.
-        from app.db.migrate import upgrade
-
-        upgrade(settings)
-        from worker.embedded import start_worker_thread
-
-        stop = start_worker_thread(settings)
-    try:
-        uvicorn.run(
-            create_app(settings),
-            host=args.host,
-            port=args.port,
-            log_config=None,
-            access_log=False,
-        )
-    finally:
-        if stop is not None:
-            _stop(stop)
-    return 0
-
-
-def _stop(handle: Any) -> None:
-    """Stop the embedded worker, whatever handle ``start_worker_thread`` returned."""
-    for attr in ("stop", "shutdown", "close"):
-        fn = getattr(handle, attr, None)
-        if callable(fn):
-            fn()
-            return
-    if callable(handle):
-        handle()
-        return
-    print("warning: could not stop the embedded worker cleanly", file=sys.stderr)

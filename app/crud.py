@@ -27,6 +27,7 @@ from app.db.models import (
     Tenant,
     utcnow,
 )
+from app.db.session import SQLITE_BEGIN
 from app.jobspec import ValidatedJob
 from app.schemas import JobOut
 
@@ -73,8 +74,20 @@ async def count_active_jobs(session: AsyncSession, tenant_id: str) -> int:
 
 
 async def lock_tenant(session: AsyncSession, tenant_id: str) -> None:
-    """Serialize a tenant's job submissions (PostgreSQL row lock; SQLite serializes writes)."""
-    await session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
+    """Begin a transaction that serializes the tenant's submissions until it ends.
+
+    PostgreSQL: a row lock on the tenant. SQLite has no row locks and pysqlite sends no BEGIN
+    before a SELECT, so a count-then-insert would race; there the transaction begins with
+    ``BEGIN IMMEDIATE`` (the database's write lock, held from the count to the commit; other
+    writers wait up to the busy timeout). Must open the session's transaction: any earlier
+    one is ended first (callers only read before this).
+    """
+    if session.in_transaction():
+        await session.rollback()
+    if session.bind.dialect.name == "sqlite":
+        await session.connection(execution_options={SQLITE_BEGIN: "IMMEDIATE"})
+    else:
+        await session.execute(select(Tenant.id).where(Tenant.id == tenant_id).with_for_update())
 
 
 async def insert_job(

@@ -1,26 +1,27 @@
 """Turn a ``JobCreate`` body into the exact ``model`` / ``recipe`` JSON a worker will run.
 
-All meaning is checked here with d4c_core's own validators (ModelSpec, parse_bits, Recipe,
-check_method), then against the deployment's budget limits, so a job is rejected with a 422
-naming the field before anything is stored. The recipe stored is ``Recipe.to_dict()`` of the
-parsed object: the worker's ``Recipe.from_dict`` sees exactly what was validated.
+The recipe arrives already validated by its own declarations (``d4c_core.recipe``); what is
+checked here needs the model or the deployment: d4c_core's ModelSpec and check_method, and the
+budget caps the recipe declares. A job is rejected with a 422 naming the field by its path
+before anything is stored. The recipe stored is ``Recipe.to_dict()`` of the parsed object: the
+worker's ``Recipe.from_dict`` sees exactly what was validated.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from app.api.problems import validation_problem
 from app.core.config import Settings
 from app.schemas import JobCreate
+from d4c_core.calibration import check_method
 from d4c_core.errors import D4CError
-from d4c_core.models import ModelSpec
-from d4c_core.recipe import CalibrationRecipe, QuantRecipe, Recipe, parse_bits
-
-SYNTH_METHODS = ("bns", "pse", "d4c")
+from d4c_core.models import BUILTIN_TAG, ModelSpec, check_model_size, check_weights_obtainable
+from d4c_core.recipe import Budget, Recipe, field_metadata, walk_fields
 
 
 @dataclass(frozen=True)
@@ -31,24 +32,9 @@ class ValidatedJob:
 
 
 def request_hash(body: JobCreate) -> str:
-    """sha256 of the canonical request, for Idempotency-Key comparison.
-
-    An absent ``quant`` is left out rather than hashed as null, so bodies hash as they did
-    before that field existed (keys stored then still match their replays).
-    """
-    data = body.model_dump(mode="json")
-    if data.get("quant") is None:
-        data.pop("quant", None)
-    canon = json.dumps(data, sort_keys=True, separators=(",", ":"))
+    """sha256 of the canonical request (defaults filled in), for Idempotency-Key comparison."""
+    canon = json.dumps(body.model_dump(mode="json"), sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canon.encode()).hexdigest()
-
-
-def _check_method(arch: str, method: str) -> None:
-    try:
-        from d4c_core.calibration.towers import check_method
-    except ImportError:  # older engine without synthesis baselines: Recipe rejects the method
-        return
-    check_method(arch, method)
 
 
 def _eval_task_names() -> tuple[str, ...]:
@@ -58,129 +44,32 @@ def _eval_task_names() -> tuple[str, ...]:
 
 
 def validate_job(body: JobCreate, settings: Settings, checkpoint_arch: str | None) -> ValidatedJob:
-    """Validate fully; raise a 422 ``Problem`` naming the first offending field.
+    """Validate what the recipe's own declarations cannot: the model, the method for its
+    towers, the deployment's budgets, the task. Raise a 422 ``Problem`` naming the field.
 
     ``checkpoint_arch`` is the arch of the caller's checkpoint ``body.model.checkpoint_id``
     (looked up by the caller, None when there is no such checkpoint for this tenant).
     CPU-bound (open_clip registry lookups): call it from a worker thread.
     """
-    m = body.model
-    # --- model
-    if m.pretrained is not None and m.checkpoint_id is not None:
-        raise validation_problem("model", "give either pretrained or checkpoint_id, not both")
-    try:
-        ModelSpec(m.arch, pretrained=m.pretrained)
-    except D4CError as e:
-        field = (
-            "model.pretrained" if "pretrained" in str(e) or "builtin" in str(e) else "model.arch"
-        )
-        raise validation_problem(field, str(e)) from None
-    if m.checkpoint_id is not None:
-        if checkpoint_arch is None:
-            raise validation_problem("model.checkpoint_id", "no such checkpoint")
-        if checkpoint_arch != m.arch:
-            raise validation_problem(
-                "model.checkpoint_id",
-                f"checkpoint was uploaded for {checkpoint_arch}, not {m.arch}",
-            )
-        model = {"arch": m.arch, "checkpoint_id": m.checkpoint_id}
-    else:
-        model = {"arch": m.arch, "pretrained": m.pretrained}
-
-    # --- bits
-    bits = body.bits if isinstance(body.bits, str) else body.bits.model_dump()
-    try:
-        w, a = parse_bits(bits)
-    except D4CError as e:
-        raise validation_problem("bits", str(e)) from None
-
-    # --- calibration
-    c = body.calibration
-    if c.method == "real":
+    model = _validate_model(body, settings, checkpoint_arch)
+    recipe = body.recipe
+    method = recipe.calibration.method
+    if method == "real":
         raise validation_problem(
-            "calibration.method",
+            "recipe.calibration.method",
             "'real' calibration reads an image folder on the server and is not offered over "
             "HTTP; use noise, bns, pse or d4c (or run `d4c quantize --calib-dir` locally)",
         )
-    synth: dict[str, Any] = {}
-    for name, key in (
-        ("synth_iters", "iters"),
-        ("synth_batch", "batch"),
-        ("per_batch_adam", "per_batch_adam"),
-        ("components", "components"),
-    ):
-        value = getattr(c, name)
-        if value is None:
-            continue
-        if c.method not in SYNTH_METHODS:
-            raise validation_problem(
-                f"calibration.{name}", f"applies only to methods {', '.join(SYNTH_METHODS)}"
-            )
-        if name == "components" and c.method != "d4c":
-            raise validation_problem(f"calibration.{name}", "applies only to method d4c")
-        synth[key] = list(value) if isinstance(value, list) else value
-    cal: dict[str, Any] = {"method": c.method, "num_images": c.num_images}
-    if c.num_prompts is not None:
-        cal["num_prompts"] = c.num_prompts
-    if synth:
-        cal["synth"] = synth
-    if body.prompts is not None:
-        cal["classnames"] = body.prompts.classnames
-        cal["templates"] = body.prompts.templates
     try:
-        calibration = CalibrationRecipe.from_dict(cal)
+        check_method(body.model.arch, method)
     except D4CError as e:
-        msg = str(e)
-        if "template" in msg:
-            field = "prompts.templates"
-        elif "component" in msg.lower():
-            field = "calibration.components"
-        else:
-            field = "calibration"
-        raise validation_problem(field, msg) from None
-    try:
-        _check_method(m.arch, c.method)
-    except D4CError as e:
-        raise validation_problem("calibration.method", str(e)) from None
-
-    quant: dict[str, Any] = {"weight_bits": w, "act_bits": a}
-    if c.recon_iters is not None:
-        quant["recon_iters"] = c.recon_iters
-    if body.quant is not None:
-        # QuantIn's fields are QuantRecipe's own names: mapped 1:1, omitted ones stay default.
-        quant |= body.quant.model_dump(exclude_none=True)
-    try:
-        recipe = Recipe(seed=body.seed, quant=QuantRecipe.from_dict(quant), calibration=calibration)
-    except D4CError as e:
-        raise validation_problem("quant" if body.quant else "calibration", str(e)) from None
-
-    # --- budgets (checked on the parsed recipe, so engine defaults count too)
-    _budget("calibration.num_images", recipe.calibration.num_images, settings.max_images)
-    _budget("calibration.recon_iters", recipe.quant.recon_iters, settings.max_recon_iters)
-    _budget("calibration.num_prompts", recipe.calibration.num_prompts, settings.max_prompts)
-    synth_recipe = getattr(recipe.calibration, "synth", None)
-    if synth_recipe is not None and recipe.calibration.method in SYNTH_METHODS:
-        _budget("calibration.synth_iters", synth_recipe.iters, settings.max_synth_iters)
-    # Search sizes a client set. The engine's defaults are not held to these limits: range
-    # init slices the calibration set (so it never uses more than num_images / num_prompts,
-    # already budgeted), and a deployment that lowers max_images must still accept a job
-    # that leaves them alone.
-    if body.quant is not None:
-        limits = {
-            "range_init_images": settings.max_images,
-            "range_init_prompts": settings.max_prompts,
-            "recon_batch": settings.max_images,
-            "mse_candidates": settings.max_mse_candidates,
-            "mse_max_samples": settings.max_mse_samples,
-        }
-        for name, value in body.quant.model_dump(exclude_none=True).items():
-            if name in limits:
-                _budget(f"quant.{name}", value, limits[name])
-    if body.prompts is not None:
-        _budget("prompts.classnames", len(body.prompts.classnames), settings.max_prompts)
-        _budget("prompts.templates", len(body.prompts.templates), settings.max_prompts)
-
-    # --- evaluation task
+        raise validation_problem("recipe.calibration.method", str(e)) from None
+    over = next(budget_violations(recipe, settings), None)
+    if over is not None:
+        path, value, limit = over
+        raise validation_problem(
+            f"recipe.{path}", f"{value} exceeds this deployment's limit of {limit}"
+        )
     if body.eval_task is not None and body.eval_task not in _eval_task_names():
         raise validation_problem(
             "eval_task",
@@ -189,6 +78,56 @@ def validate_job(body: JobCreate, settings: Settings, checkpoint_arch: str | Non
     return ValidatedJob(model=model, recipe=recipe.to_dict(), eval_task=body.eval_task)
 
 
-def _budget(field: str, value: int, limit: int) -> None:
-    if value > limit:
-        raise validation_problem(field, f"{value} exceeds this deployment's limit of {limit}")
+def budget_violations(recipe: Recipe, settings: Settings) -> Iterator[tuple[str, int, int]]:
+    """(path, value, limit) of each recipe field over its deployment cap ``max_<budget>``.
+
+    The caps apply to the fields the recipe declares a ``Budget`` on, so a new costly field
+    is capped by declaring it there. A list counts its length; an ``if_set`` field only when
+    the client chose it (its default is sliced from an already capped set).
+    """
+    for path, owner, name in walk_fields(Recipe):
+        budget = field_metadata(owner, name, Budget)
+        if budget is None:
+            continue
+        *parents, _ = path.split(".")
+        part: Any = recipe
+        for p in parents:
+            part = getattr(part, p)
+        if budget.if_set and name not in part.model_fields_set:
+            continue
+        value = getattr(part, name)
+        amount = len(value) if isinstance(value, tuple) else value
+        limit = getattr(settings, f"max_{budget.name}")
+        if amount > limit:
+            yield path, amount, limit
+
+
+def _validate_model(
+    body: JobCreate, settings: Settings, checkpoint_arch: str | None
+) -> dict[str, Any]:
+    """The ``model`` JSON to store: the arch exists and fits the budget, and its weights
+    (tag or the tenant's checkpoint of that arch) can be had."""
+    m = body.model
+    if m.pretrained is not None and m.checkpoint_id is not None:
+        raise validation_problem("model", "give either pretrained or checkpoint_id, not both")
+    try:
+        ModelSpec(m.arch)
+        # sized on the meta device (no weights); before anything else looks at the arch
+        check_model_size(m.arch, settings.max_model_params)
+    except D4CError as e:
+        raise validation_problem("model.arch", str(e)) from None
+    try:
+        spec = ModelSpec(m.arch, pretrained=m.pretrained)
+        if m.pretrained not in (None, BUILTIN_TAG):
+            check_weights_obtainable(spec)
+    except D4CError as e:
+        raise validation_problem("model.pretrained", str(e)) from None
+    if m.checkpoint_id is None:
+        return {"arch": m.arch, "pretrained": m.pretrained}
+    if checkpoint_arch is None:
+        raise validation_problem("model.checkpoint_id", "no such checkpoint")
+    if checkpoint_arch != m.arch:
+        raise validation_problem(
+            "model.checkpoint_id", f"checkpoint was uploaded for {checkpoint_arch}, not {m.arch}"
+        )
+    return {"arch": m.arch, "checkpoint_id": m.checkpoint_id}

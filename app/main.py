@@ -1,24 +1,28 @@
 """The FastAPI application: ``create_app(settings)`` wires settings, DB, auth and routes.
 
-Collaborators that reach other processes (the queue, the broker probe) are injectable so tests
-can run the API without a broker; by default they come from ``worker.queue``.
+Collaborators that reach other processes (the queue, the broker probe, the queue depth) are
+injectable so tests can run the API without a broker; by default they are the queue port's
+(``app.queue``), bound to the app's settings.
 """
 
 from __future__ import annotations
 
+import functools
 import gc
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from prometheus_client import Histogram
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from app import queue
 from app.api.problems import (
     PROBLEM_JSON,
     Problem,
@@ -35,24 +39,6 @@ from app.metrics import UNMATCHED_ROUTE, make_metrics
 from app.metrics import router as metrics_router
 
 access_log = logging.getLogger("d4c.access")
-
-
-def _enqueue(job_id: str) -> None:
-    from worker.queue import enqueue
-
-    enqueue(job_id)
-
-
-def _broker_ping() -> Any:
-    from worker.queue import ping
-
-    return ping()
-
-
-def _queue_depth() -> int | None:
-    from app.metrics import broker_queue_depth
-
-    return broker_queue_depth()
 
 
 # A read slower than this is logged even when successful.
@@ -189,15 +175,9 @@ async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
 
 
-def create_app(
-    settings: Settings | None = None,
-    *,
-    enqueue: Callable[[str], None] | None = None,
-    broker_ping: Callable[[], Any] | None = None,
-    queue_depth: Callable[[], int | None] | None = None,
-) -> FastAPI:
-    settings = settings or get_settings()
-    engine = async_engine(settings)
+def _lifespan(engine: AsyncEngine) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """The app's startup/shutdown: freeze what startup loaded, then close the job reader and
+    the engine, so a stopped app (or a test's) leaves no pooled connection behind."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -209,23 +189,35 @@ def create_app(
         await app.state.job_reader.close()
         await engine.dispose()
 
-    app = FastAPI(
-        title="d4c-service",
-        version="0.1.0",
-        summary="Data-free quantization of CLIP models as a job service",
-        lifespan=lifespan,
-    )
+    return lifespan
+
+
+def _init_state(
+    app: FastAPI,
+    settings: Settings,
+    engine: AsyncEngine,
+    enqueue: Callable[[str], None] | None,
+    broker_ping: Callable[[], Any] | None,
+    queue_depth: Callable[[], int | None] | None,
+) -> None:
+    """Put what the routes share on ``app.state``: the database handles, the key cache, the
+    metrics, and the queue collaborators (the given ones, else the queue port's bound to
+    ``settings``), so routes reach them per app rather than through module globals."""
     app.state.settings = settings
     app.state.engine = engine
     app.state.sessionmaker = async_session_factory(engine)
     app.state.read_engine = autocommit_engine(engine)  # one-SELECT requests
     app.state.job_reader = job_reader(engine, app.state.read_engine)  # GET /jobs/{id}
     app.state.key_cache = KeyCache(settings.api_key_cache_ttl_s)
-    app.state.enqueue = enqueue or _enqueue
-    app.state.broker_ping = broker_ping or _broker_ping
-    app.state.queue_depth = queue_depth or _queue_depth
+    app.state.enqueue = enqueue or functools.partial(queue.send, settings=settings)
+    app.state.broker_ping = broker_ping or functools.partial(queue.ping, settings=settings)
+    app.state.queue_depth = queue_depth or functools.partial(queue.depth, settings=settings)
     app.state.metrics = make_metrics()
 
+
+def _install_routes(app: FastAPI, settings: Settings) -> None:
+    """Error handlers, routers and middleware. The body limit is added before the access log,
+    so the access log is outermost and also times and logs the 413s the limit answers."""
     install_handlers(app)
     app.include_router(health.router)
     app.include_router(jobs.router)
@@ -239,27 +231,68 @@ def create_app(
         latency = app.state.metrics.http_latency
     app.add_middleware(AccessLog, histogram=latency)
 
+
+def _problem_openapi(app: FastAPI) -> Callable[[], dict[str, Any]]:
+    """``app.openapi`` documenting every error body as problem+json: the schema FastAPI
+    generates describes its own 422 body, which this app never sends. Built once, cached on
+    ``app.openapi_schema`` like FastAPI's own."""
+
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
             schema = get_openapi(
                 title=app.title, version=app.version, summary=app.summary, routes=app.routes
             )
-            comps = schema.setdefault("components", {}).setdefault("schemas", {})
-            comps["ProblemDetail"] = ProblemDetail.model_json_schema(
-                ref_template="#/components/schemas/{model}"
-            )
-            for name, sub in comps["ProblemDetail"].pop("$defs", {}).items():
-                comps.setdefault(name, sub)
-            # FastAPI documents its own 422 body; ours is problem+json.
-            problem_422 = problem_responses(422)[422]
-            for ops in schema.get("paths", {}).values():
-                for op in ops.values():
-                    if "422" in op.get("responses", {}):
-                        op["responses"]["422"] = problem_422
-            for name in ("HTTPValidationError", "ValidationError"):
-                comps.pop(name, None)
+            _document_problems(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 
-    app.openapi = openapi  # type: ignore[method-assign]
+    return openapi
+
+
+def _document_problems(schema: dict[str, Any]) -> None:
+    """Add ``ProblemDetail`` (and its sub-schemas) to ``schema``'s components, answer every
+    422 with it, and drop FastAPI's own validation-error schemas, which nothing refers to."""
+    comps = schema.setdefault("components", {}).setdefault("schemas", {})
+    comps["ProblemDetail"] = ProblemDetail.model_json_schema(
+        ref_template="#/components/schemas/{model}"
+    )
+    for name, sub in comps["ProblemDetail"].pop("$defs", {}).items():
+        comps.setdefault(name, sub)
+    # FastAPI documents its own 422 body; ours is problem+json.
+    problem_422 = problem_responses(422)[422]
+    for ops in schema.get("paths", {}).values():
+        for op in ops.values():
+            if "422" in op.get("responses", {}):
+                # Keep a route's own description; FastAPI's default names its body.
+                described = op["responses"]["422"].get("description")
+                op["responses"]["422"] = problem_422 | (
+                    {"description": described}
+                    if described not in (None, "Validation Error")
+                    else {}
+                )
+    for name in ("HTTPValidationError", "ValidationError"):
+        comps.pop(name, None)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    enqueue: Callable[[str], None] | None = None,
+    broker_ping: Callable[[], Any] | None = None,
+    queue_depth: Callable[[], int | None] | None = None,
+) -> FastAPI:
+    settings = settings or get_settings()
+    engine = async_engine(settings)
+    app = FastAPI(
+        title="d4c-service",
+        version="0.1.0",
+        summary="Data-free quantization of CLIP models as a job service",
+        lifespan=_lifespan(engine),
+        # A slash-redirect would be answered before auth, with a Location built from the
+        # client's Host header: a wrong path is a plain 404.
+        redirect_slashes=False,
+    )
+    _init_state(app, settings, engine, enqueue, broker_ping, queue_depth)
+    _install_routes(app, settings)
+    app.openapi = _problem_openapi(app)  # type: ignore[method-assign]
     return app

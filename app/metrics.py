@@ -15,7 +15,8 @@ Where each series comes from, and why:
   produces at a 15-60 s scrape interval). With several API replicas every replica reports the
   same fleet-wide values: aggregate them with ``max``, not ``sum``.
 - **The broker** — ``d4c_queue_depth``: messages waiting in the Celery queue (Redis ``LLEN``
-  through kombu, so the embedded filesystem transport works too). It is the broker's view;
+  through kombu, so the embedded filesystem transport works too; ``app.queue.depth``, the
+  same count the reaper reads). It is the broker's view;
   ``d4c_jobs{state="queued"}`` is the DB's. A gap between them is what the reaper repairs.
 - **This API process** — ``d4c_http_request_duration_seconds{method,route,status}``, a
   Histogram observed by ``app.main.AccessLog``; labelled by the route *template*
@@ -50,14 +51,15 @@ from prometheus_client.exposition import choose_encoder
 from sqlalchemy import Float, case, func, literal, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.api.problems import Problem
+from app.api.problems import Problem, problem_responses
 from app.db.models import JOB_STATES, Job, utcnow
+from app.queue import QUEUE
+from d4c_core.vocabulary import STAGES
 
 log = logging.getLogger("d4c.metrics")
 
-# The pipeline's stages, as keys of ``report["timings"]`` (d4c_core.pipeline). Listed here,
-# not imported, so the SQL aggregate is one fixed statement; a new stage shows up once added.
-STAGES = ("load", "calibration", "range_init", "reconstruction", "evaluation", "export")
+# The pipeline's stages, as keys of ``report["timings"]``; the SQL aggregate is built once
+# from them at import.
 # Stages run from seconds (tiny models on a GPU) to hours (20k-iteration reconstruction).
 STAGE_BUCKETS = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 21600.0)
 HTTP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
@@ -194,7 +196,7 @@ def snapshot_metrics(snap: Snapshot) -> Iterator[Metric]:
             "Job messages waiting in the broker queue (not those workers hold)",
             labels=["queue"],
         )
-        depth.add_metric([_queue_name()], float(snap.queue_depth))
+        depth.add_metric([QUEUE], float(snap.queue_depth))
         yield depth
 
     if snap.jobs_by_state is None:
@@ -240,23 +242,6 @@ def _le(bound: float) -> str:
     return repr(float(bound))
 
 
-def _queue_name() -> str:
-    from worker.celery_app import QUEUE
-
-    return QUEUE
-
-
-def broker_queue_depth(timeout: float = 2.0) -> int:
-    """Messages in the job queue, with a connect timeout and no retries (unlike a plain
-    kombu connection, which would retry for as long as the broker is down)."""
-    from worker.celery_app import QUEUE, celery_app
-
-    with celery_app().connection_for_write(connect_timeout=timeout) as conn:
-        conn.ensure_connection(max_retries=0, timeout=timeout)
-        ok = conn.default_channel.queue_declare(queue=QUEUE, passive=False)
-        return int(ok.message_count)
-
-
 class _ScrapeRegistry(CollectorRegistry):
     """The app's registry plus this scrape's snapshot, rendered as one exposition."""
 
@@ -288,7 +273,15 @@ def _check_token(request: Request) -> None:
         )
 
 
-@router.get("/metrics", include_in_schema=False)
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics: jobs by state, stage durations, queue depth, HTTP latency",
+    response_class=Response,
+    responses={
+        200: {"description": "Prometheus text format", "content": {"text/plain": {}}},
+        **problem_responses(401),
+    },
+)
 async def metrics(request: Request) -> Response:
     """Prometheus text format (or OpenMetrics when the scraper asks for it)."""
     _check_token(request)

@@ -1,34 +1,26 @@
 """Request and response bodies of the HTTP API (pydantic v2).
 
-The request models check shape and types only; meaning (does the arch exist, is the method
-valid for the tower, are the budgets within the deployment's limits) is decided by
-``app.jobspec`` with d4c_core's own validators, so the API can never accept a job the engine
-would reject.
+A job's settings are the engine's own ``Recipe`` (validated by its declarations, errors named
+by path); what depends on the model or the deployment (does the arch exist, is the method
+valid for the tower, are the budgets within the limits) is decided by ``app.jobspec``, so the
+API can never accept a job the engine would reject.
 """
 
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-CalibMethod = Literal["noise", "real", "bns", "pse", "d4c"]
-Component = Literal["pgsi", "scg", "pae"]
-
-# Server-chosen ids (uuid4 hex; the storage layout allows this wider set). Anything else is
-# refused before it reaches a query: PostgreSQL rejects NUL in text, which would otherwise
-# surface as a database error.
-ID_PATTERN = r"^[0-9A-Za-z_-]{1,64}$"
-# A prompt is stored in the job's JSON recipe: no control characters (PostgreSQL's JSONB
-# refuses \u0000), and a bounded length.
-PromptText = Annotated[str, Field(max_length=1000, pattern=r"^[^\x00-\x1f\x7f]*$")]
+from app.db.models import ID_PATTERN, JobState
+from d4c_core.recipe import Recipe
 
 
 class _Strict(BaseModel):
-    # Unknown fields are errors: a typo must not silently become a default.
-    model_config = ConfigDict(extra="forbid")
+    # Unknown fields are errors: a typo must not silently become a default. Strict types:
+    # ``true`` or ``"10"`` for a number is an error, not a silently coerced value.
+    model_config = ConfigDict(extra="forbid", strict=True)
 
 
 class ModelIn(_Strict):
@@ -41,64 +33,30 @@ class ModelIn(_Strict):
     )
 
 
-class BitsIn(_Strict):
-    weights: int
-    activations: int
+class JobCreate(_Strict):
+    """A job: which model, the recipe, and optionally a built-in task to score it on.
 
-
-class CalibrationIn(_Strict):
-    method: CalibMethod = "noise"
-    num_images: int = Field(128, ge=1)
-    num_prompts: int | None = Field(None, ge=1)
-    components: list[Component] | None = Field(
-        None, description="D4C ablation (d4c only); pgsi is always on"
-    )
-    synth_iters: int | None = Field(None, ge=0, description="bns/pse/d4c synthesis iterations")
-    synth_batch: int | None = Field(None, ge=1)
-    per_batch_adam: bool | None = None
-    recon_iters: int | None = Field(None, ge=0, description="AdaRound/LSQ iterations per unit")
-
-
-class PromptsIn(_Strict):
-    classnames: list[PromptText] = Field(default_factory=list)
-    templates: list[PromptText] = Field(default_factory=list, examples=[["a photo of a {c}."]])
-
-
-class QuantIn(_Strict):
-    """Engine search sizes (``d4c_core.recipe.QuantRecipe`` fields of the same names).
-
-    Omitted fields keep the engine's reference defaults. They exist so a client can size a
-    job to its hardware (a test-sized job spends most of its time in range init otherwise);
-    upper limits come from the deployment's settings and are checked in ``app.jobspec``.
-    Strict types: ``true`` or ``"8"`` is an error, not a silently coerced size.
+    ``recipe`` is the engine's ``Recipe`` itself, exactly the JSON an artifact's
+    ``manifest.json`` stores: submitting a manifest's ``model`` and ``recipe`` reproduces
+    that job. Omitted recipe fields take the engine's defaults.
     """
 
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-    range_init_images: int | None = Field(
-        None, ge=1, description="calibration images the range-init MSE search runs on"
-    )
-    range_init_prompts: int | None = Field(
-        None, ge=1, description="calibration prompts the range-init MSE search runs on"
-    )
-    mse_max_samples: int | None = Field(
-        None, ge=1, description="values per row the range search scores on"
-    )
-    mse_candidates: int | None = Field(None, ge=1, description="candidate ranges per tensor")
-    recon_batch: int | None = Field(None, ge=1, description="AdaRound/LSQ mini-batch size")
-    text_mlp_bits: int | None = Field(
-        None, ge=2, le=8, description="bits of the text-encoder MLPs (weights and activations)"
-    )
-
-
-class JobCreate(_Strict):
     model: ModelIn
-    bits: str | BitsIn = Field("w4a8", examples=["w4a8", {"weights": 4, "activations": 8}])
-    calibration: CalibrationIn = Field(default_factory=CalibrationIn)
-    quant: QuantIn | None = None
-    prompts: PromptsIn | None = None
-    eval_task: str | None = Field(None, max_length=100, examples=["object10"])
-    seed: int = Field(0, ge=0, lt=2**31)
+    recipe: Recipe = Field(
+        default_factory=Recipe,
+        examples=[
+            {
+                "quant": {"weight_bits": 4, "act_bits": 8, "recon_iters": 200},
+                "calibration": {"method": "noise", "num_images": 128},
+            }
+        ],
+    )
+    eval_task: str | None = Field(
+        None,
+        max_length=100,
+        examples=["object10"],
+        description="built-in zero-shot task: FP vs quantized accuracy in the job's metrics",
+    )
 
 
 class JobOut(BaseModel):
@@ -118,6 +76,11 @@ class JobOut(BaseModel):
     created_at: datetime
     started_at: datetime | None
     finished_at: datetime | None
+    deleted_at: datetime | None = Field(
+        None,
+        description="when the job's artifacts were deleted (DELETE /jobs/{id} or the "
+        "retention period); from then on its artifact routes answer 410",
+    )
 
 
 class JobPage(BaseModel):

@@ -8,20 +8,21 @@ never joined onto a path, so nothing a client sends can reach another file.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import shutil
 import uuid
 from pathlib import Path
-from typing import NamedTuple
+from typing import BinaryIO, NamedTuple
 
 from app.core.config import Settings
-from app.db.models import ARTIFACT_NAMES
+from app.db.models import ARTIFACT_NAMES, ID_PATTERN
+from d4c_core.vocabulary import REQUIRED_FILES as REQUIRED_NAMES
 
-REQUIRED_NAMES = ("model.safetensors", "manifest.json")
 # Server-chosen ids are uuid4 hex; anything else is refused before it becomes a path.
-_JOB_ID = re.compile(r"[0-9A-Za-z_-]{1,64}")
+_JOB_ID = re.compile(ID_PATTERN)
 
 
 class StoredFile(NamedTuple):
@@ -46,6 +47,12 @@ def _checksum(path: Path) -> StoredFile:
         os.fsync(f.fileno())
         digest = hashlib.file_digest(f, "sha256").hexdigest()
     return StoredFile(path.name, path.stat().st_size, digest)
+
+
+def _rmtree(path: Path) -> None:
+    """``shutil.rmtree`` where a tree already gone (or going: another purge) is no error."""
+    with contextlib.suppress(FileNotFoundError):
+        shutil.rmtree(path)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -112,11 +119,35 @@ class ArtifactStore:
         """Checksums of a published job's files (recomputed from disk)."""
         return self._listing(self.root / _job_dir_name(job_id))
 
+    def open(self, job_id: str, name: str) -> BinaryIO:
+        """Open a published file for reading (FileNotFoundError once it is deleted).
+
+        A download serves from this open file rather than from its path: the descriptor
+        keeps the whole file readable to the end even if ``delete`` runs meanwhile.
+        """
+        return self.path(job_id, name).open("rb")
+
     def delete(self, job_id: str) -> None:
-        """Remove a job's published files (and any staging leftovers)."""
+        """Remove a job's published files and staging leftovers; idempotent.
+
+        The published directory is renamed to a trash name first, one atomic step: a download
+        that has not opened its file yet then finds none (a clean 410, never half a set),
+        while one already streaming keeps its open descriptor, which survives the unlink.
+        Trash an interrupted earlier call left behind is removed too. Errors other than
+        "already gone" propagate, so a caller can tell a purge that did not happen.
+        """
         name = _job_dir_name(job_id)
-        shutil.rmtree(self.root / name, ignore_errors=True)
-        shutil.rmtree(self._staging_root / name, ignore_errors=True)
+        final = self.root / name
+        if final.exists():
+            self._staging_root.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(FileNotFoundError):  # a concurrent delete took it
+                final.rename(self._staging_root / f".trash-{name}-{uuid.uuid4().hex[:8]}")
+        if not self._staging_root.is_dir():
+            return
+        for leftover in self._staging_root.glob(f".trash-{name}-*"):
+            _rmtree(leftover)
+        _rmtree(self._staging_root / name)
+        _rmtree(self._staging_root / f".{name}.tmp")
 
     @staticmethod
     def _listing(directory: Path) -> list[StoredFile]:

@@ -20,10 +20,11 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
+import _paths  # noqa: F401  (the repository root on sys.path, for tests.support)
 import httpx
 import psycopg
 
-from worker import testing
+from tests.support import pg, redisdb
 
 ROOT = Path(__file__).resolve().parents[1]
 PG_ADMIN_URL = os.environ.get(
@@ -42,12 +43,12 @@ def _fail(reason: str) -> NoReturn:
 
 
 def pg_admin_url() -> str:
-    return testing.pg_admin_url(PG_ADMIN_URL, unavailable=_fail)
+    return pg.pg_admin_url(PG_ADMIN_URL, unavailable=_fail)
 
 
 def pg_database(prefix: str = "d4c_bench") -> contextlib.AbstractContextManager[str]:
     """A throwaway PostgreSQL database (dropped afterwards)."""
-    return testing.pg_database(pg_admin_url(), prefix)
+    return pg.pg_database(pg_admin_url(), prefix)
 
 
 def pg_version() -> str:
@@ -58,7 +59,7 @@ def pg_version() -> str:
 
 def redis_database() -> contextlib.AbstractContextManager[str]:
     """A free Redis database index, marked with its own lock key; only its keys are deleted."""
-    return testing.redis_database(
+    return redisdb.redis_database(
         "d4c:bench:lock", unavailable=_fail, host=REDIS_HOST, port=REDIS_PORT
     )
 

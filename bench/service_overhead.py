@@ -43,6 +43,7 @@ from service_harness import (
     write_section,
 )
 
+from d4c_core.recipe import parse_bits
 from worker.client import free_port
 
 POLL_S = 0.25
@@ -67,15 +68,14 @@ class Recipe:
         return args + (["--task", self.task] if self.task else [])
 
     def body(self) -> dict[str, Any]:
+        w, a = parse_bits(self.bits)
         body: dict[str, Any] = {
             "model": {"arch": self.model, "pretrained": "builtin"},
-            "bits": self.bits,
-            "calibration": {
-                "method": self.calib,
-                "num_images": self.images,
-                "recon_iters": self.recon_iters,
+            "recipe": {
+                "seed": self.seed,
+                "quant": {"weight_bits": w, "act_bits": a, "recon_iters": self.recon_iters},
+                "calibration": {"method": self.calib, "num_images": self.images},
             },
-            "seed": self.seed,
         }
         if self.task:
             body["eval_task"] = self.task

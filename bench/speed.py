@@ -54,13 +54,13 @@ from d4c_core.quant.reconstruct import (
     unit_optimizer,
     units,
 )
-from d4c_core.quant.wrap import QuantLayer, fp_mode, quantize_
+from d4c_core.quant.wrap import QuantLayer, fp_mode, wrap_for_quantization
 from d4c_core.recipe import CalibrationRecipe, QuantRecipe, Recipe, SynthRecipe
+from d4c_core.vocabulary import STAGES
 
 ARCHS = ("d4c-tiny-vit", "d4c-tiny-rn")
 # Reference README, one RTX A6000, 128 images, 3000 outer iterations x batch 16.
 REFERENCE_SYNTH_S = {"RN50": 1623.0, "ViT-B-32": 1434.0}
-STAGES = ("load", "calibration", "range_init", "reconstruction", "evaluation", "export")
 
 
 def stage_times(recon_iters: int, root: Path) -> list[str]:
@@ -159,7 +159,7 @@ def _unit_cases(
     for arch, names in picks.items():
         lm = load_clip(ModelSpec(arch), device)
         recipe = QuantRecipe(mse_candidates=20)
-        model = quantize_(lm.model, recipe)
+        model = wrap_for_quantization(lm.model, recipe)
         g = torch.Generator().manual_seed(0)
         images = torch.randn(n_images, 3, lm.image_size, lm.image_size, generator=g).to(device)
         tokens = lm.tokenizer(["a photo of a cat."] * 64).to(device)

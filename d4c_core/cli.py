@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from d4c_core.errors import D4CError
+from d4c_core.recipe_cli import add_recipe_args
 
 EXIT_USAGE = 2
 
@@ -57,24 +58,32 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--pretrained", help="open_clip pretrained tag (or 'builtin')")
     src.add_argument("--checkpoint", help="local safetensors checkpoint of the architecture")
     src.add_argument("--random-init", action="store_true", help="random weights (timing, tests)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument(
+        "--device", default="cpu", choices=["cpu", "cuda"], help="where to run (default: cpu)"
+    )
+
+
+def _add_eval_task_arg(p: argparse.ArgumentParser, help_text: str) -> None:
+    # ``eval_task`` is the job body's name for it; --task is the older spelling.
+    p.add_argument("--eval-task", "--task", dest="eval_task", metavar="TASK", help=help_text)
 
 
 def cmd_quantize(args: argparse.Namespace) -> int:
+    from d4c_core.calibration import check_method
     from d4c_core.pipeline import JobSpec, run
-    from d4c_core.recipe import QuantRecipe, Recipe, parse_bits
+    from d4c_core.recipe_cli import recipe_from_args
 
-    w, a = parse_bits(args.bits)
-    quant: dict[str, Any] = {"weight_bits": w, "act_bits": a}
-    if args.recon_iters is not None:
-        quant["recon_iters"] = args.recon_iters
-    recipe = Recipe(
-        seed=args.seed,
-        quant=QuantRecipe(**quant),
-        calibration=_calibration_recipe(args),
-    )
+    spec = _model_spec(args)
+    if spec.checkpoint is not None:  # a bad file is refused before any stage starts
+        from d4c_core.models import check_checkpoint_file
+
+        if not spec.checkpoint.is_file():
+            raise D4CError(f"--checkpoint {spec.checkpoint} does not exist")
+        check_checkpoint_file(spec.checkpoint, spec.arch, f"--checkpoint {spec.checkpoint}")
+    recipe = recipe_from_args(args)
+    check_method(args.model, recipe.calibration.method)
     calib_dir = Path(args.calib_dir) if args.calib_dir else None
-    if args.calib == "real" and calib_dir is None:
+    if recipe.calibration.method == "real" and calib_dir is None:
         raise D4CError("--calib real needs --calib-dir DIR")
     if calib_dir is not None and not calib_dir.is_dir():
         raise D4CError(f"--calib-dir {calib_dir} is not a directory")
@@ -84,10 +93,10 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     # Both are deleted on success (OUT replaced, work dir cleaned up): never someone's data.
     _check_replaceable(out, "--out", "manifest.json", "artifact")
     _check_replaceable(work, "--workdir", "units", "work dir")
-    eval_task = _eval_task(args.task) if args.task else None
-    job = JobSpec(
-        _model_spec(args), recipe, calib_dir=calib_dir, eval_task=eval_task, device=args.device
-    )
+    if out.exists() and any(out.iterdir()) and not args.overwrite:
+        raise D4CError(f"--out {out} already holds an artifact; pass --overwrite to replace it")
+    eval_task = _eval_task(args.eval_task) if args.eval_task else None
+    job = JobSpec(spec, recipe, calib_dir=calib_dir, eval_task=eval_task, device=args.device)
 
     def progress(stage: str, frac: float) -> None:
         if not args.quiet:
@@ -98,47 +107,6 @@ def cmd_quantize(args: argparse.Namespace) -> int:
     summary = {"out": str(out), "timings": report["timings"], "metrics": report["metrics"]}
     print(json.dumps(summary, indent=None if args.json else 2))
     return 0
-
-
-def _calibration_recipe(args: argparse.Namespace) -> Any:
-    """The calibration part of the recipe; synthesis flags only go with a synthesizing method."""
-    from d4c_core.calibration import check_method
-    from d4c_core.evaluate import read_lines
-    from d4c_core.recipe import CalibrationRecipe, SynthRecipe
-
-    synth: dict[str, Any] = {}
-    if args.synth_iters is not None:
-        synth["iters"] = args.synth_iters
-    if args.synth_batch is not None:
-        synth["batch"] = args.synth_batch
-    if args.per_batch_adam:
-        synth["per_batch_adam"] = True
-    if args.d4c_components is not None:
-        if args.calib != "d4c":
-            raise D4CError("--d4c-components needs --calib d4c")
-        synth["components"] = tuple(c.strip() for c in args.d4c_components.split(",") if c.strip())
-    if synth and args.calib not in SYNTH_METHODS:
-        flags = ", ".join(sorted(SYNTH_FLAGS[k] for k in synth))
-        raise D4CError(f"{flags}: only for --calib {'|'.join(SYNTH_METHODS)}, not {args.calib}")
-    check_method(args.model, args.calib)
-    names = tuple(read_lines(Path(args.prompts))) if args.prompts else ()
-    templates = tuple(read_lines(Path(args.prompt_templates))) if args.prompt_templates else ()
-    return CalibrationRecipe(
-        method=args.calib,
-        num_images=args.images,
-        classnames=names,
-        templates=templates,
-        synth=SynthRecipe(**synth),
-    )
-
-
-SYNTH_METHODS = ("bns", "pse", "d4c")
-SYNTH_FLAGS = {
-    "iters": "--synth-iters",
-    "batch": "--synth-batch",
-    "per_batch_adam": "--per-batch-adam",
-    "components": "--d4c-components",
-}
 
 
 def _check_replaceable(path: Path, flag: str, marker: str, what: str) -> None:
@@ -202,13 +170,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from d4c_core.models import load_clip
 
     folder = (args.classnames, args.templates, args.images_dir)
-    if args.task and any(folder):
-        raise D4CError("give --task or --classnames/--templates/--images-dir, not both")
-    if not args.task:
+    if args.eval_task and any(folder):
+        raise D4CError("give --eval-task or --classnames/--templates/--images-dir, not both")
+    if not args.eval_task:
         for flag in ("classnames", "templates", "images_dir"):
             if getattr(args, flag) is None:
-                raise D4CError(f"--{flag.replace('_', '-')} is required (or --task NAME)")
-    task = _eval_task(args.task) if args.task else None
+                raise D4CError(f"--{flag.replace('_', '-')} is required (or --eval-task NAME)")
+    task = _eval_task(args.eval_task) if args.eval_task else None
     _check_cuda(args.device)
     if args.quantized:
         from d4c_core.artifacts import load_quantized
@@ -242,9 +210,29 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from d4c_core.artifacts import inspect
+    from d4c_core.artifacts import MANIFEST_FILE, inspect
 
-    print(json.dumps(inspect(Path(args.out)), indent=2))
+    out = Path(args.out)
+    if not out.is_dir():
+        raise D4CError(f"{out}: no such directory")
+    if not (out / MANIFEST_FILE).is_file():
+        raise D4CError(f"{out}: not a d4c artifact (no {MANIFEST_FILE})")
+    print(json.dumps(inspect(out), indent=2))
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from d4c_core.models import BUILTIN_ARCHS, list_archs
+
+    rows = [{"arch": a, "builtin": a in BUILTIN_ARCHS} for a in list_archs()]
+    rows.sort(key=lambda r: (not r["builtin"], r["arch"]))
+    if args.json:
+        print(json.dumps(rows))
+    else:
+        for r in rows:
+            print(
+                f"{r['arch']}{'  (built-in weights: --pretrained builtin)' if r['builtin'] else ''}"
+            )
     return 0
 
 
@@ -254,38 +242,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a CLIP and write an artifact directory")
     _add_model_args(q)
-    q.add_argument("--bits", default="w4a8", help="wXaY, X and Y in 2..8 (w4a8, w6a6, w8a8)")
-    q.add_argument("--calib", default="noise", choices=["noise", "real", "bns", "pse", "d4c"])
-    q.add_argument("--calib-dir", help="folder of real calibration images (--calib real)")
-    q.add_argument("--images", type=int, default=128, help="calibration images")
-    q.add_argument(
-        "--synth-iters", type=int, help="synthesis outer iterations (bns|pse|d4c; default 3000)"
-    )
-    q.add_argument("--synth-batch", type=int, help="synthesis mini-batch (default 16)")
-    q.add_argument(
-        "--d4c-components",
-        help="D4C ablation: pgsi | pgsi,scg | pgsi,pae | pgsi,scg,pae (default)",
-    )
-    q.add_argument(
-        "--per-batch-adam",
-        action="store_true",
-        help="one Adam state per synthesis mini-batch (fixes the reference's shared-Adam drift)",
-    )
-    q.add_argument("--prompts", help="file, one class name per line: calibration/D4C prompts")
-    q.add_argument(
-        "--prompt-templates", help="file, one template with {c} per line (with --prompts or alone)"
-    )
-    q.add_argument(
-        "--recon-iters", type=int, help="reconstruction iterations per unit (default 20000)"
-    )
-    q.add_argument("--seed", type=int, default=0)
     q.add_argument("--out", required=True, help="artifact directory to create")
+    q.add_argument("--overwrite", action="store_true", help="replace an existing artifact in OUT")
+    q.add_argument("--calib-dir", help="folder of real calibration images (--calib real)")
     q.add_argument(
         "--workdir", help="stage checkpoints (default: .OUT.work beside OUT); rerun resumes"
     )
-    q.add_argument("--task", help="built-in zero-shot task to report FP vs quantized accuracy on")
+    _add_eval_task_arg(q, "report FP vs quantized zero-shot accuracy on this built-in task")
     q.add_argument("--json", action="store_true", help="one-line JSON summary")
     q.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    add_recipe_args(q)
     q.set_defaults(func=cmd_quantize)
 
     e = sub.add_parser("eval", help="zero-shot top-1/top-5 on a folder of labelled images")
@@ -294,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--classnames", help="file, one class name per line")
     e.add_argument("--templates", help="file, one template with {c} per line")
     e.add_argument("--images-dir", help="folder with one subfolder per class name")
-    e.add_argument("--task", help="built-in task (see `d4c tasks`): its test split")
+    _add_eval_task_arg(e, "built-in task (see `d4c tasks`): its test split")
     e.add_argument(
         "--json", action="store_true", help="JSON output (the default; kept for scripts)"
     )
@@ -303,6 +269,10 @@ def build_parser() -> argparse.ArgumentParser:
     t = sub.add_parser("tasks", help="list the built-in zero-shot tasks")
     t.add_argument("--json", action="store_true")
     t.set_defaults(func=cmd_tasks)
+
+    m = sub.add_parser("models", help="list the architectures --model accepts")
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(func=cmd_models)
 
     i = sub.add_parser("inspect", help="verify an artifact's checksums and print its summary")
     i.add_argument("out")

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from d4c_core.calibration.prompts import fill_template
 from d4c_core.calibration.sources import list_images, load_rgb, model_device
 from d4c_core.errors import SpecError
+from d4c_core.finite import require_finite
 from d4c_core.quant.wrap import fp_mode, quant_layers
 
 # Reported when a layer's quantization error is exactly 0 (SQNR would be +inf, not JSON).
@@ -189,6 +190,9 @@ def _embed(model: nn.Module, images: Tensor, tokens: Tensor, batch: int) -> tupl
 
 
 def _cosine_stats(fp: tuple[Tensor, Tensor], q: tuple[Tensor, Tensor]) -> dict[str, float]:
+    # A NaN cosine would be reported as a metric; it means the model itself is broken.
+    require_finite("in the full-precision embeddings", *fp)
+    require_finite("in the quantized model's embeddings", *q)
     img = F.cosine_similarity(fp[0].double(), q[0].double(), dim=-1)
     txt = F.cosine_similarity(fp[1].double(), q[1].double(), dim=-1)
     return {

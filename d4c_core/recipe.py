@@ -1,33 +1,62 @@
-"""The recipe: every choice a quantization job makes, as versioned, JSON-exact dataclasses.
+"""The recipe: every setting of a quantization job, defined once.
 
-One recipe object travels from the HTTP body to the worker to the artifact manifest, so it
-must round-trip through JSON exactly and refuse fields it does not know (a typo in a client's
-body is an error, not a silently ignored default). ``VERSION`` is bumped whenever a field's
-meaning changes; old JSON with another version is rejected rather than guessed at.
+Each field is declared here with its type, default, bounds and description, and everything
+that speaks a job derives from these declarations: the engine's validation, the JSON stored
+in the job row and in ``manifest.json``, the OpenAPI schema of ``POST /jobs`` (the models are
+pydantic, so FastAPI reads them directly), the ``d4c quantize`` / ``d4c submit`` flags
+(``Cli`` metadata, read by ``d4c_core.recipe_cli``) and the deployment's budget limits
+(``Budget`` metadata, applied by the service). Adding a setting is one field here plus the
+engine code that uses it.
+
+The JSON round trip is exact and strict: unknown fields and loosely typed values (``true``
+or ``"10"`` for a number) are errors naming the field by its path. ``VERSION`` is bumped
+whenever a field's meaning changes; JSON of another version is rejected, not guessed at.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import math
 import re
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Self
+from typing import Annotated, Any, ClassVar, Literal, Self, get_args
+
+from pydantic import (
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from d4c_core.errors import SpecError
+from d4c_core.recipe_fields import Budget, Cli, RecipePart, field_metadata, walk_fields
+
+__all__ = ["Budget", "Cli", "field_metadata", "walk_fields"]
 
 BIT_RANGE = range(2, 9)
 PRESETS = {"w4a8": (4, 8), "w6a6": (6, 6), "w8a8": (8, 8), "w4a4": (4, 4)}
-CALIB_METHODS = ("noise", "real", "bns", "pse", "d4c")
+CalibMethod = Literal["noise", "real", "bns", "pse", "d4c"]
+CALIB_METHODS: tuple[str, ...] = get_args(CalibMethod)
+# Methods that synthesize images from the model (the ``synth`` settings apply to them).
+SYNTH_METHODS = ("bns", "pse", "d4c")
 # D4C ablations of the paper (method spec §2); PGSI is always on, PAE/SCG switch.
-D4C_COMPONENTS = ("pgsi", "scg", "pae")
+Component = Literal["pgsi", "scg", "pae"]
+D4C_COMPONENTS: tuple[str, ...] = get_args(Component)
 D4C_ABLATIONS = (
     frozenset({"pgsi"}),
     frozenset({"pgsi", "scg"}),
     frozenset({"pgsi", "pae"}),
     frozenset({"pgsi", "scg", "pae"}),
 )
+# A prompt is text a person reads (logs, reports, the tokenizer): no C0/C1 controls or DEL
+# (PostgreSQL's JSONB also refuses \u0000), and no bidi overrides or isolates, which make a
+# prompt display as something other than what the model reads (Trojan Source).
+PROMPT_PATTERN = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$"
+
+
+Bits = Annotated[StrictInt, Field(ge=BIT_RANGE.start, le=BIT_RANGE.stop - 1)]
+Number = StrictFloat
+PromptText = Annotated[str, Field(max_length=1000, pattern=PROMPT_PATTERN)]
 
 
 def parse_bits(bits: str | dict[str, int] | tuple[int, int]) -> tuple[int, int]:
@@ -53,132 +82,76 @@ def parse_bits(bits: str | dict[str, int] | tuple[int, int]) -> tuple[int, int]:
     return w, a
 
 
-class _Versioned:
-    """JSON round trip for nested frozen dataclasses; unknown keys are errors."""
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Self:
-        if not isinstance(data, dict):
-            raise SpecError(f"{cls.__name__} must be a JSON object")
-        fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-        unknown = sorted(set(data) - set(fields))
-        if unknown:
-            raise SpecError(f"{cls.__name__}: unknown field(s) {', '.join(unknown)}")
-        kwargs: dict[str, Any] = {}
-        for name, value in data.items():
-            sub = _SUBRECIPES.get((cls.__name__, name))
-            if sub is not None:
-                value = sub.from_dict(value)
-            elif isinstance(value, list):
-                value = tuple(value)
-            kwargs[name] = value
-        try:
-            return cls(**kwargs)
-        except TypeError as e:
-            raise SpecError(f"{cls.__name__}: {e}") from e
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)  # type: ignore[call-overload]
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-    @classmethod
-    def from_json(cls, text: str) -> Self:
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise SpecError(f"recipe is not valid JSON: {e}") from e
-        return cls.from_dict(data)
-
-
-def _check_types(obj: Any) -> None:
-    """Reject wrong JSON types early (a string where an int belongs, bool as int)."""
-    for f in dataclasses.fields(obj):
-        v = getattr(obj, f.name)
-        t = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-        if t == "int" and (not isinstance(v, int) or isinstance(v, bool)):
-            raise SpecError(f"{type(obj).__name__}.{f.name} must be an integer, got {v!r}")
-        if t == "float" and (
-            not isinstance(v, int | float) or isinstance(v, bool) or not math.isfinite(v)
-        ):
-            raise SpecError(f"{type(obj).__name__}.{f.name} must be a finite number, got {v!r}")
-        if t == "bool" and not isinstance(v, bool):
-            raise SpecError(f"{type(obj).__name__}.{f.name} must be true/false, got {v!r}")
-        if t == "str" and not isinstance(v, str):
-            raise SpecError(f"{type(obj).__name__}.{f.name} must be a string, got {v!r}")
-        if t == "tuple[str, ...]":
-            if isinstance(v, list):  # constructed in code; JSON lists arrive as tuples
-                v = tuple(v)
-                object.__setattr__(obj, f.name, v)
-            if not isinstance(v, tuple) or not all(isinstance(s, str) for s in v):
-                raise SpecError(
-                    f"{type(obj).__name__}.{f.name} must be a list of strings, got {v!r}"
-                )
-
-
-def _positive(obj: Any, *names: str) -> None:
-    for n in names:
-        if getattr(obj, n) <= 0:
-            raise SpecError(f"{type(obj).__name__}.{n} must be > 0")
-
-
-@dataclass(frozen=True)
-class QuantRecipe(_Versioned):
+class QuantRecipe(RecipePart):
     """PTQ choices (method spec §4). Defaults are the reference recipe's values."""
 
-    weight_bits: int = 4
-    act_bits: int = 8
-    # Text-encoder MLPs stay W8A8 whatever the requested bits (reference behaviour).
-    text_mlp_bits: int = 8
-    quantize_image: bool = True
-    quantize_text: bool = True
-    # Range init: Lp-norm MSE search.
-    range_init_images: int = 32
-    range_init_prompts: int = 32
-    mse_p: float = 2.4
-    mse_candidates: int = 100
-    # Window positions tried per candidate range for two-sided tensors; 0 = every integer
-    # zero point (the reference's exhaustive grid, ~28x slower at 8 bits).
-    mse_zero_points: int = 9
-    # Values per row the search scores on (evenly spaced order statistics); 0 = all.
-    mse_max_samples: int = 512
-    # Reconstruction (AdaRound + LSQ).
-    recon_iters: int = 20000
-    recon_batch: int = 32
-    adaround_lambda: float = 0.01
-    adaround_warmup: float = 0.2
-    adaround_b_start: float = 20.0
-    adaround_b_end: float = 2.0
-    lr_alpha: float = 1e-3
-    lr_act_image: float = 4e-5
-    lr_act_text: float = 4e-6
+    weight_bits: Bits = Field(4, description="weight bits (2..8)")
+    act_bits: Bits = Field(8, description="activation bits (2..8)")
+    text_mlp_bits: Bits = Field(
+        8, description="bits of the text-encoder MLPs, weights and activations (reference: 8)"
+    )
+    quantize_image: StrictBool = Field(True, description="quantize the image tower")
+    quantize_text: StrictBool = Field(True, description="quantize the text tower")
+    range_init_images: Annotated[
+        StrictInt, Field(ge=1, description="calibration images the range-init search runs on"),
+        Budget("images", if_set=True),
+    ] = 32
+    range_init_prompts: Annotated[
+        StrictInt, Field(ge=1, description="calibration prompts the range-init search runs on"),
+        Budget("prompts", if_set=True),
+    ] = 32
+    mse_p: Number = Field(2.4, gt=0, description="p of the Lp-norm range search")
+    mse_candidates: Annotated[
+        StrictInt, Field(ge=1, description="candidate ranges tried per tensor"),
+        Budget("mse_candidates", if_set=True),
+    ] = 100
+    mse_zero_points: StrictInt = Field(
+        9,
+        ge=0,
+        description="window positions tried per candidate for two-sided tensors; "
+        "0 = every integer zero point (the reference's exhaustive grid)",
+    )
+    mse_max_samples: Annotated[
+        StrictInt,
+        Field(ge=0, description="values per row the range search scores on; 0 = all"),
+        Budget("mse_samples", if_set=True),
+    ] = 512
+    recon_iters: Annotated[
+        StrictInt,
+        Field(ge=0, description="AdaRound/LSQ iterations per reconstruction unit"),
+        Budget("recon_iters"),
+    ] = 20000
+    recon_batch: Annotated[
+        StrictInt, Field(ge=1, description="AdaRound/LSQ mini-batch size"),
+        Budget("images", if_set=True),
+    ] = 32
+    adaround_lambda: Number = Field(0.01, ge=0, description="AdaRound regularizer weight")
+    adaround_warmup: Number = Field(
+        0.2, ge=0, lt=1, description="fraction of iterations before the regularizer starts"
+    )
+    adaround_b_start: Number = Field(20.0, description="AdaRound annealing exponent, start")
+    adaround_b_end: Number = Field(
+        2.0, ge=1, description="AdaRound annealing exponent, end (>= 1, <= start)"
+    )
+    lr_alpha: Number = Field(1e-3, description="learning rate of the rounding variables")
+    lr_act_image: Number = Field(4e-5, description="LSQ step learning rate, image tower")
+    lr_act_text: Number = Field(4e-6, description="LSQ step learning rate, text tower")
 
-    def __post_init__(self) -> None:
-        _check_types(self)
-        parse_bits((self.weight_bits, self.act_bits))
-        parse_bits((self.text_mlp_bits, self.text_mlp_bits))
-        _positive(self, "mse_candidates", "recon_batch", "mse_p")
-        for n in ("recon_iters", "mse_zero_points", "mse_max_samples"):
-            if getattr(self, n) < 0:
-                raise SpecError(f"QuantRecipe.{n} must be >= 0")
-        if not 0 <= self.adaround_warmup < 1:
-            raise SpecError("QuantRecipe.adaround_warmup must be in [0, 1)")
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
         # |2h - 1|^(b - 1) in the regularizer's gradient is infinite at h = 1/2 for b < 1.
-        if not 1 <= self.adaround_b_end <= self.adaround_b_start:
-            raise SpecError("QuantRecipe needs 1 <= adaround_b_end <= adaround_b_start")
-        if self.adaround_lambda < 0:
-            raise SpecError("QuantRecipe.adaround_lambda must be >= 0")
+        if self.adaround_b_end > self.adaround_b_start:
+            raise ValueError("needs adaround_b_end <= adaround_b_start")
         if not (self.quantize_image or self.quantize_text):
-            raise SpecError("at least one tower must be quantized")
+            raise ValueError("at least one tower must be quantized")
+        return self
 
     @property
     def bits_name(self) -> str:
         return f"w{self.weight_bits}a{self.act_bits}"
 
 
-@dataclass(frozen=True)
-class SynthRecipe(_Versioned):
+class SynthRecipe(RecipePart):
     """Image synthesis for bns/pse/d4c (method spec §2-§3). Defaults are the reference's.
 
     ``iters`` counts outer iterations, each a pass over all images in mini-batches of
@@ -187,111 +160,137 @@ class SynthRecipe(_Versioned):
     results compare with the paper.
     """
 
-    iters: int = 3000
-    batch: int = 16
-    lr: float = 0.01
-    tv_weight: float = 0.1
-    temperature: float = 0.1
-    components: tuple[str, ...] = D4C_COMPONENTS
-    per_batch_adam: bool = False
-    # SCG: one square box per image covering a uniform crop_min..crop_max of its area.
-    crop_min: float = 0.4
-    crop_max: float = 0.7
-    bg_noise: float = 0.1
-    # PSE: Gaussian KDE of patch similarities.
-    kde_bandwidth: float = 0.01
-    kde_points: int = 10
+    iters: Annotated[
+        StrictInt,
+        Field(ge=0, description="outer synthesis iterations (reference: 3000)"),
+        Budget("synth_iters"),
+        Cli("--synth-iters"),
+    ] = 3000
+    batch: Annotated[
+        StrictInt, Field(ge=1, description="synthesis mini-batch"), Cli("--synth-batch")
+    ] = 16
+    lr: Annotated[Number, Field(gt=0, description="synthesis learning rate"), Cli("--synth-lr")] = (
+        0.01
+    )
+    tv_weight: Number = Field(0.1, ge=0, description="total-variation prior weight")
+    temperature: Number = Field(0.1, gt=0, description="PGSI softmax temperature")
+    components: Annotated[
+        tuple[Component, ...],
+        Field(description="D4C ablation (d4c only): pgsi, pgsi+scg, pgsi+pae or all three"),
+        Cli("--d4c-components"),
+    ] = D4C_COMPONENTS
+    per_batch_adam: Annotated[
+        StrictBool,
+        Field(description="one Adam state per mini-batch (fixes the reference's shared Adam)"),
+        Cli("--per-batch-adam"),
+    ] = False
+    crop_min: Number = Field(0.4, gt=0, le=1, description="SCG: smallest crop, area fraction")
+    crop_max: Number = Field(0.7, gt=0, le=1, description="SCG: largest crop, area fraction")
+    bg_noise: Number = Field(0.1, ge=0, description="SCG: background noise level")
+    kde_bandwidth: Number = Field(0.01, gt=0, description="PSE: KDE bandwidth")
+    kde_points: StrictInt = Field(10, ge=2, description="PSE: KDE support points")
 
-    def __post_init__(self) -> None:
-        _check_types(self)
-        _positive(self, "batch", "lr", "temperature", "kde_bandwidth")
-        if self.iters < 0:
-            raise SpecError("SynthRecipe.iters must be >= 0")
-        for n in ("tv_weight", "bg_noise"):
-            if getattr(self, n) < 0:
-                raise SpecError(f"SynthRecipe.{n} must be >= 0")
-        if not 0 < self.crop_min <= self.crop_max <= 1:
-            raise SpecError("SynthRecipe needs 0 < crop_min <= crop_max <= 1")
-        if self.kde_points < 2:
-            raise SpecError("SynthRecipe.kde_points must be >= 2")
-        comps = frozenset(self.components)
-        if len(comps) != len(self.components) or comps not in D4C_ABLATIONS:
+    @field_validator("components", mode="after")
+    @classmethod
+    def _ablation(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        comps = frozenset(value)
+        if len(comps) != len(value) or comps not in D4C_ABLATIONS:
             allowed = " | ".join(
                 ",".join(c for c in D4C_COMPONENTS if c in a) for a in D4C_ABLATIONS
             )
-            raise SpecError(
-                f"D4C components {','.join(self.components) or '(none)'} are not a valid "
-                f"ablation; one of {allowed}"
+            raise ValueError(
+                f"D4C components {','.join(value) or '(none)'} are not a valid ablation; "
+                f"one of {allowed}"
             )
         # Canonical order, so the same ablation always keys the same cached calibration.
-        object.__setattr__(self, "components", tuple(c for c in D4C_COMPONENTS if c in comps))
+        return tuple(c for c in D4C_COMPONENTS if c in comps)
+
+    @model_validator(mode="after")
+    def _crops(self) -> Self:
+        if self.crop_min > self.crop_max:
+            raise ValueError("needs crop_min <= crop_max")
+        return self
 
 
-@dataclass(frozen=True)
-class CalibrationRecipe(_Versioned):
+class CalibrationRecipe(RecipePart):
     """Where calibration images and prompts come from (method spec §4, last line)."""
 
-    method: str = "noise"
-    num_images: int = 128
-    num_prompts: int = 512
-    # Prompt set for the text tower; empty means the built-in generic set.
-    classnames: tuple[str, ...] = ()
-    templates: tuple[str, ...] = ()
-    # Synthesis budget and hyper-parameters (used by bns, pse and d4c only).
-    synth: SynthRecipe = field(default_factory=SynthRecipe)
+    method: Annotated[
+        CalibMethod,
+        Field(description="calibration source: noise, real (a local folder), bns, pse, d4c"),
+        Cli("--calib"),
+    ] = "noise"
+    num_images: Annotated[
+        StrictInt, Field(ge=1, description="calibration images"), Budget("images"),
+        Cli("--images"),
+    ] = 128
+    num_prompts: Annotated[
+        StrictInt, Field(ge=1, description="calibration prompts for the text tower"),
+        Budget("prompts"),
+    ] = 512
+    classnames: Annotated[
+        tuple[PromptText, ...],
+        Field(description="prompt class names; empty: the built-in generic set"),
+        Budget("prompts"),
+        Cli("--prompts", lines_file=True),
+    ] = ()
+    templates: Annotated[
+        tuple[PromptText, ...],
+        Field(description="prompt templates, each with a {c} placeholder"),
+        Budget("prompts"),
+        Cli("--prompt-templates", lines_file=True),
+    ] = ()
+    synth: SynthRecipe = Field(
+        default_factory=SynthRecipe, description="synthesis settings (bns, pse, d4c only)"
+    )
 
-    def __post_init__(self) -> None:
-        _check_types(self)
-        if not isinstance(self.synth, SynthRecipe):
-            raise SpecError("CalibrationRecipe.synth must be a SynthRecipe object")
-        if self.method not in CALIB_METHODS:
-            raise SpecError(
-                f"calibration method {self.method!r} unknown; one of {', '.join(CALIB_METHODS)}"
-            )
-        _positive(self, "num_images", "num_prompts")
-        for t in self.templates:
+    @field_validator("templates", mode="after")
+    @classmethod
+    def _placeholders(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for t in value:
             if "{c}" not in t:
-                raise SpecError(f"template {t!r} has no '{{c}}' placeholder")
+                raise ValueError(f"template {t!r} has no '{{c}}' placeholder")
+        return value
+
+    @field_validator("synth", mode="after")
+    @classmethod
+    def _synth_applies(cls, synth: SynthRecipe, info: ValidationInfo) -> SynthRecipe:
+        # A setting that cannot take effect is a mistake in the request, not a no-op.
+        method = info.data.get("method")
+        if method is None:  # method itself was invalid: reported on its own
+            return synth
+        default = SynthRecipe()
+        changed = [n for n in type(synth).model_fields if getattr(synth, n) != getattr(default, n)]
+        if method not in SYNTH_METHODS and changed:
+            raise ValueError(
+                f"{', '.join(changed)}: only for methods {', '.join(SYNTH_METHODS)}, not {method}"
+            )
+        if method != "d4c" and "components" in changed:
+            raise ValueError(f"components: only for method d4c, not {method}")
+        return synth
 
 
-@dataclass(frozen=True)
-class Recipe(_Versioned):
+class Recipe(RecipePart):
     """The whole job: quantization, calibration and the seed every random choice derives from."""
 
     VERSION: ClassVar[int] = 1
-    version: int = 1
-    seed: int = 0
-    quant: QuantRecipe = field(default_factory=QuantRecipe)
-    calibration: CalibrationRecipe = field(default_factory=CalibrationRecipe)
+    version: StrictInt = Field(1, description="recipe format version")
+    seed: StrictInt = Field(0, ge=0, lt=2**31, description="seed of every random choice")
+    quant: QuantRecipe = Field(default_factory=QuantRecipe, description="quantization")
+    calibration: CalibrationRecipe = Field(
+        default_factory=CalibrationRecipe, description="calibration data"
+    )
 
-    def __post_init__(self) -> None:
-        if self.version != self.VERSION:
-            raise SpecError(
-                f"recipe version {self.version} not supported (expected {self.VERSION})"
-            )
-        _check_types(self)
+    @field_validator("version", mode="after")
+    @classmethod
+    def _version(cls, value: int) -> int:
+        if value != cls.VERSION:
+            raise ValueError(f"recipe version {value} not supported (expected {cls.VERSION})")
+        return value
 
     @classmethod
     def preset(cls, bits: str, **quant: Any) -> Recipe:
         w, a = parse_bits(bits)
         return cls(quant=QuantRecipe(weight_bits=w, act_bits=a, **quant))
 
-    def replace(self, **changes: Any) -> Recipe:
-        """Nested replace: ``r.replace(seed=1, calibration={"synth": {"iters": 10}})``."""
-        return _replace(self, changes)
 
-
-def _replace(obj: Any, changes: dict[str, Any]) -> Any:
-    """``dataclasses.replace`` where a dict value for a sub-recipe replaces inside it."""
-    out: dict[str, Any] = {}
-    for k, v in changes.items():
-        cur = getattr(obj, k)
-        out[k] = _replace(cur, v) if isinstance(v, dict) and dataclasses.is_dataclass(cur) else v
-    return dataclasses.replace(obj, **out)
-
-
-_SUBRECIPES: dict[tuple[str, str], type[_Versioned]] = {
-    ("Recipe", "quant"): QuantRecipe,
-    ("Recipe", "calibration"): CalibrationRecipe,
-    ("CalibrationRecipe", "synth"): SynthRecipe,
-}

@@ -23,15 +23,13 @@ COPY pyproject.toml README.md ./
 RUN python -c "import tomllib; d = tomllib.load(open('pyproject.toml', 'rb')); \
 print('\n'.join(d['project']['dependencies']))" > /tmp/requirements.txt \
  && pip install -r /tmp/requirements.txt
-COPY alembic.ini ./
-COPY migrations ./migrations
 COPY d4c_core ./d4c_core
 COPY app ./app
 COPY worker ./worker
 COPY docker/healthcheck.py ./docker/healthcheck.py
-# Editable on purpose: `d4c db upgrade` finds migrations/ and alembic.ini next to the app
-# package (app/db/migrate.py), which a wheel in site-packages would not have.
-RUN pip install --no-deps -e . && python -m compileall -q app worker d4c_core docker
+# A regular (non-editable) install into the venv: the Alembic scripts ship inside the
+# package (app/db/migrations), so the runtime needs no source tree beside it.
+RUN pip install --no-deps . && python -m compileall -q docker
 
 # ---- runtime: no compilers, no pip cache, a non-root user ----------------------------------
 FROM ${PYTHON_IMAGE} AS runtime
@@ -39,7 +37,8 @@ RUN groupadd --system --gid 10001 d4c \
  && useradd --system --uid 10001 --gid d4c --create-home --home-dir /home/d4c d4c \
  && mkdir -p /data && chown d4c:d4c /data
 COPY --from=build /opt/venv /opt/venv
-COPY --from=build /opt/d4c /opt/d4c
+# Only the healthcheck script: the code runs from the venv's site-packages.
+COPY --from=build /opt/d4c/docker /opt/d4c/docker
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

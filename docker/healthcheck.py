@@ -25,7 +25,7 @@ def check_worker() -> int:
 
     from app.core.config import get_settings
     from app.db.session import make_sync_engine
-    from worker.queue import ping
+    from app.queue import ping
 
     if not ping(TIMEOUT_S):
         print("broker unreachable", file=sys.stderr)

@@ -1,5 +1,6 @@
 """Subcommands this package adds to ``d4c`` (entry-point group ``d4c.cli``):
 
+- ``d4c serve``: the API, plus an in-process worker on the embedded default (``worker.serve``).
 - ``d4c worker``: a Celery worker process (one job at a time) plus the reaper.
 - ``d4c submit``: a client for the service: submit a job, follow it, download and verify the
   artifact. Without ``--url`` it starts a private ``d4c serve`` (embedded default) for the run.
@@ -12,9 +13,13 @@ import os
 from pathlib import Path
 from typing import Any
 
+from d4c_core.recipe_cli import add_recipe_args
+from worker import serve
+
 
 def register(sub: argparse._SubParsersAction[Any]) -> None:
-    """Add ``worker`` and ``submit`` to the ``d4c`` parser."""
+    """Add ``serve``, ``worker`` and ``submit`` to the ``d4c`` parser."""
+    serve.register(sub)
     w = sub.add_parser("worker", help="run a job worker (one job at a time) and the reaper")
     w.add_argument(
         "--pool",
@@ -38,13 +43,13 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     src = s.add_mutually_exclusive_group()
     src.add_argument("--pretrained", help="open_clip tag (default: builtin for built-in archs)")
     src.add_argument("--checkpoint-id", help="id of a checkpoint uploaded with POST /models")
-    s.add_argument("--bits", default="w4a8")
-    s.add_argument("--calib", default="noise", choices=["noise", "bns", "pse", "d4c"])
-    s.add_argument("--images", type=int, default=128, help="calibration images")
-    s.add_argument("--prompts", type=int, help="calibration prompts (default: the engine's)")
-    s.add_argument("--recon-iters", type=int, help="reconstruction iterations per unit")
-    s.add_argument("--task", help="built-in zero-shot task for FP vs quantized accuracy")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--eval-task",
+        "--task",
+        dest="eval_task",
+        metavar="TASK",
+        help="built-in zero-shot task for FP vs quantized accuracy (the body's eval_task)",
+    )
     s.add_argument("--out", help="download the artifact into this directory")
     s.add_argument(
         "--no-wait",
@@ -53,6 +58,7 @@ def register(sub: argparse._SubParsersAction[Any]) -> None:
     )
     s.add_argument("--timeout", type=float, default=3600, help="seconds to wait for the job")
     s.add_argument("--json", action="store_true", help="one-line JSON summary on stdout")
+    add_recipe_args(s)
     s.set_defaults(func=_submit)
 
 
@@ -62,14 +68,14 @@ def _worker(args: argparse.Namespace) -> int:
     from app.core.config import get_settings
     from app.core.logging import configure_logging
     from app.db.session import sync_engine
-    from worker.celery_app import QUEUE, celery_app
+    from app.queue import QUEUE
+    from worker.celery_app import celery_app
     from worker.reaper import ReaperThread, start_reaper
-    from worker.settings import get_worker_settings
     from worker.tasks import default_worker_id
 
-    settings, wsettings = get_settings(), get_worker_settings()
+    settings = get_settings()
     configure_logging(settings.log_level)
-    if settings.database_url is None:  # embedded SQLite: nobody else migrates it
+    if settings.sqlite:  # a local file nobody else migrates (only a server DB needs `d4c db`)
         from app.db.migrate import upgrade
 
         upgrade(settings)
@@ -79,7 +85,7 @@ def _worker(args: argparse.Namespace) -> int:
     # children are forked, so they never inherit a running thread.
     @signals.worker_ready.connect(weak=False)
     def _start_reaper(**_: Any) -> None:
-        reaper.append(start_reaper(settings, wsettings))
+        reaper.append(start_reaper(settings))
 
     @signals.worker_shutdown.connect(weak=False)
     def _stop_reaper(**_: Any) -> None:
@@ -111,19 +117,16 @@ def _worker(args: argparse.Namespace) -> int:
 
 
 def _submit(args: argparse.Namespace) -> int:
+    from d4c_core.recipe_cli import recipe_from_args, recipe_overrides
     from worker.client import JobRequest, submit_and_follow
 
+    recipe_from_args(args)  # refuse a bad setting here, naming its flag, before any request
     request = JobRequest(
         model=args.model,
         pretrained=args.pretrained,
         checkpoint_id=args.checkpoint_id,
-        bits=args.bits,
-        calib=args.calib,
-        images=args.images,
-        prompts=args.prompts,
-        recon_iters=args.recon_iters,
-        task=args.task,
-        seed=args.seed,
+        recipe=recipe_overrides(args),
+        eval_task=args.eval_task,
     )
     return submit_and_follow(
         request,

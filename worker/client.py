@@ -25,9 +25,9 @@ from typing import Any
 
 import httpx
 
+from app.db.models import FINISHED_STATES
 from d4c_core.errors import D4CError
 
-TERMINAL = ("succeeded", "failed", "cancelled")
 SERVER_START_TIMEOUT_S = 180.0
 
 
@@ -36,13 +36,10 @@ class JobRequest:
     model: str
     pretrained: str | None
     checkpoint_id: str | None
-    bits: str
-    calib: str
-    images: int
-    prompts: int | None
-    recon_iters: int | None
-    task: str | None
-    seed: int
+    # Recipe JSON with only the fields the caller chose (the server fills in the defaults):
+    # ``d4c_core.recipe_cli.recipe_overrides`` of the command line, or a manifest's recipe.
+    recipe: dict[str, Any]
+    eval_task: str | None
 
     def body(self) -> dict[str, Any]:
         """The ``POST /jobs`` body."""
@@ -51,19 +48,9 @@ class JobRequest:
             model["checkpoint_id"] = self.checkpoint_id
         else:
             model["pretrained"] = self.pretrained or _default_pretrained(self.model)
-        calibration: dict[str, Any] = {"method": self.calib, "num_images": self.images}
-        if self.prompts is not None:
-            calibration["num_prompts"] = self.prompts
-        if self.recon_iters is not None:
-            calibration["recon_iters"] = self.recon_iters
-        body: dict[str, Any] = {
-            "model": model,
-            "bits": self.bits,
-            "calibration": calibration,
-            "seed": self.seed,
-        }
-        if self.task:
-            body["eval_task"] = self.task
+        body: dict[str, Any] = {"model": model, "recipe": self.recipe}
+        if self.eval_task:
+            body["eval_task"] = self.eval_task
         return body
 
 
@@ -156,7 +143,7 @@ def follow(client: httpx.Client, job_id: str, timeout: float, quiet: bool) -> di
         if line != last and not quiet:
             print(f"[{line[2]:5.1f}%] {line[0]} {line[1] or ''}", file=sys.stderr, flush=True)
             last = line
-        if job["state"] in TERMINAL:
+        if job["state"] in FINISHED_STATES:
             return job
         if time.monotonic() > deadline:
             raise D4CError(f"job {job_id} still {job['state']} after {timeout:.0f} s")

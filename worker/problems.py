@@ -9,9 +9,8 @@ from __future__ import annotations
 import errno
 from typing import Any
 
-from d4c_core.errors import D4CError
-
-PROBLEM_BASE = "/problems/"
+from app.api.problems import PROBLEM_BASE
+from d4c_core.errors import D4CError, ModelTooLarge, NonFiniteError
 
 
 def problem(slug: str, title: str, detail: str, status: int) -> dict[str, Any]:
@@ -19,7 +18,16 @@ def problem(slug: str, title: str, detail: str, status: int) -> dict[str, Any]:
 
 
 def from_engine(err: D4CError) -> dict[str, Any]:
-    """The engine refused the job's inputs (bad checkpoint, unreachable weights, ...)."""
+    """The engine refused the job's inputs (bad checkpoint, unreachable weights, ...).
+
+    Two refusals get their own type, so a client can tell them apart without parsing the
+    detail: a model over this deployment's size budget, and one that computes NaN or Inf
+    (a property of the client's weights, not a server fault).
+    """
+    if isinstance(err, NonFiniteError):
+        return problem("non-finite", "The model produced non-finite values", str(err), 422)
+    if isinstance(err, ModelTooLarge):
+        return problem("model-too-large", "The model is too large", str(err), 422)
     return problem("job-rejected", "The job's inputs were rejected", str(err), 422)
 
 

@@ -10,6 +10,10 @@ Two ways a job can be stranded:
   than there are such jobs: its message was lost (Redis restarted without persistence, a
   send that failed after the row was committed). It is re-sent.
 
+It also deletes: with ``retention_days`` set, the artifacts and work dirs of jobs finished
+longer ago (tombstoned like ``DELETE /jobs/{id}``), and it finishes any purge whose process
+died between the tombstone and the files (``app.deletion``).
+
 Every worker runs a reaper thread. Each change is a conditional ``UPDATE`` re-checking the
 condition it acts on, and only the reaper whose update hit the row re-sends it, so several
 reapers never requeue the same job twice; duplicate deliveries that slip through anyway are
@@ -18,6 +22,7 @@ dropped by the task's own claim.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 import threading
@@ -29,11 +34,11 @@ from sqlalchemy import func, or_, select, update
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from app import deletion, queue
 from app.core.config import Settings
 from app.db.models import Job, utcnow
 from app.db.session import sync_sessionmaker
 from worker import problems
-from worker.settings import WorkerSettings
 
 log = logging.getLogger("d4c.worker.reaper")
 
@@ -46,6 +51,8 @@ class Sweep:
     failed: list[str] = field(default_factory=list)
     cancelled: list[str] = field(default_factory=list)
     resent: list[str] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)
+    purged: list[str] = field(default_factory=list)
 
 
 class Reaper:
@@ -53,13 +60,11 @@ class Reaper:
         self,
         sessions: sessionmaker[Session],
         settings: Settings,
-        wsettings: WorkerSettings,
         enqueue: Callable[[str], bool],
         queue_depth: Callable[[], int],
     ) -> None:
         self.sessions = sessions
         self.settings = settings
-        self.wsettings = wsettings
         self.enqueue = enqueue
         self.queue_depth = queue_depth
 
@@ -67,7 +72,16 @@ class Reaper:
         out = Sweep()
         self._reap_stale(out)
         self._resend_queued(out)
+        self._delete(out)
         return out
+
+    def _delete(self, out: Sweep) -> None:
+        """Retention, then unfinished purges. A purge in progress elsewhere gets
+        ``stale_after_s`` before it counts as abandoned (purging twice is harmless anyway)."""
+        out.expired = deletion.expire_jobs(self.sessions, self.settings)
+        out.purged = deletion.finish_purges(
+            self.sessions, self.settings, self.settings.stale_after_s
+        )
 
     def _reap_stale(self, out: Sweep) -> None:
         cutoff = utcnow() - timedelta(seconds=self.settings.stale_after_s)
@@ -84,7 +98,7 @@ class Reaper:
             if cancel:
                 values = {"state": "cancelled", "finished_at": now, "worker": None}
                 bucket = out.cancelled
-            elif attempts >= self.wsettings.max_attempts:
+            elif attempts >= self.settings.worker_max_attempts:
                 values = {
                     "state": "failed",
                     "error": problems.worker_lost(attempts),
@@ -105,7 +119,7 @@ class Reaper:
                 )
 
     def _resend_queued(self, out: Sweep) -> None:
-        cutoff = utcnow() - timedelta(seconds=self.wsettings.requeue_queued_after_s)
+        cutoff = utcnow() - timedelta(seconds=self.settings.worker_requeue_queued_after_s)
         # heartbeat_at on a queued row is when it was last (re)queued; created_at before that.
         since = func.coalesce(Job.heartbeat_at, Job.created_at)
         waiting = (Job.state == "queued", since < cutoff)
@@ -164,12 +178,15 @@ class ReaperThread(threading.Thread):
             self.join(timeout=10)
 
 
-def start_reaper(settings: Settings, wsettings: WorkerSettings) -> ReaperThread:
-    """Start a reaper thread for this process's settings, sending through ``worker.queue``."""
-    from worker.queue import depth, enqueue
-
-    reaper = Reaper(sync_sessionmaker(settings), settings, wsettings, enqueue, depth)
-    interval = wsettings.reaper_interval_s or settings.heartbeat_s
+def start_reaper(settings: Settings) -> ReaperThread:
+    """Start a reaper thread for ``settings``, sending and counting through the queue port."""
+    reaper = Reaper(
+        sync_sessionmaker(settings),
+        settings,
+        functools.partial(queue.send, settings=settings),
+        functools.partial(queue.depth, settings=settings),
+    )
+    interval = settings.worker_reaper_interval_s or settings.heartbeat_s
     thread = ReaperThread(reaper, interval)
     thread.start()
     return thread

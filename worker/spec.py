@@ -74,9 +74,13 @@ def model_spec(
 def job_spec(
     job: ClaimedJob, settings: Settings, sessions: sessionmaker[Session], device: str
 ) -> JobSpec:
+    from d4c_core.models import check_model_size
     from d4c_core.pipeline import JobSpec
     from d4c_core.recipe import Recipe
 
+    # Before anything is built: a row from before the limit (or a lowered limit) must not
+    # make this worker allocate a model the deployment refuses (ModelTooLarge, a D4CError).
+    check_model_size(job.model["arch"], settings.max_model_params)
     return JobSpec(
         model=model_spec(job.model, job.tenant_id, settings, sessions),
         recipe=Recipe.from_dict(job.recipe),

@@ -21,26 +21,26 @@ from celery import shared_task
 from celery.exceptions import SoftTimeLimitExceeded
 from sqlalchemy.exc import SQLAlchemyError
 
+from app import deletion
 from app.core.config import Settings, get_settings
 from app.db.session import sync_sessionmaker
+from app.queue import TASK_NAME
 from app.storage import ArtifactStore
 from d4c_core.errors import Cancelled, D4CError
 from worker import problems
-from worker.celery_app import TASK_NAME
 from worker.heartbeat import Heartbeat
 from worker.lease import ClaimedJob, Lease, LeaseLost
 from worker.logs import JobLog, job_log
-from worker.settings import WorkerSettings, get_worker_settings
 from worker.spec import job_spec
 
 log = logging.getLogger("d4c.worker")
 
-# Set when this process's worker is shutting down (embedded ``stop()``): the running job
+# Set when this process's worker is shutting down (in-process ``stop()``): the running job
 # stops at its next unit boundary and goes back to the queue instead of being cancelled.
 STOPPING = threading.Event()
 
 
-# This process's worker node name, when the task request does not carry it (the embedded
+# This process's worker node name, when the task request does not carry it (the in-process
 # worker's requests name only the host). One name per worker process: a redelivery to the same
 # name means its previous run died (see ``Lease.claim``).
 WORKER_ID: str | None = None
@@ -56,14 +56,12 @@ class JobTimeLimit(Exception):
 
 class _Hooks:
     """The pipeline's ``on_progress`` / ``should_cancel``, throttled so a fast sequence of
-    units costs a DB round trip at most every ``progress_interval_s``."""
+    units costs a DB round trip at most every ``worker_progress_interval_s``."""
 
-    def __init__(
-        self, lease: Lease, beat: Heartbeat, wsettings: WorkerSettings, deadline: float
-    ) -> None:
+    def __init__(self, lease: Lease, beat: Heartbeat, settings: Settings, deadline: float) -> None:
         self.lease = lease
         self.beat = beat
-        self.wsettings = wsettings
+        self.settings = settings
         self.deadline = deadline
         self._last_write = 0.0
         self._last_stage = ""
@@ -72,7 +70,7 @@ class _Hooks:
 
     def on_progress(self, stage: str, fraction: float) -> None:
         now = time.monotonic()
-        recent = now - self._last_write < self.wsettings.progress_interval_s
+        recent = now - self._last_write < self.settings.worker_progress_interval_s
         if stage == self._last_stage and recent:
             return
         self._last_write, self._last_stage = now, stage
@@ -94,7 +92,7 @@ class _Hooks:
         now = time.monotonic()
         if now > self.deadline:
             raise JobTimeLimit()
-        if not self._cancel and now - self._last_poll >= self.wsettings.cancel_poll_s:
+        if not self._cancel and now - self._last_poll >= self.settings.worker_cancel_poll_s:
             self._last_poll = now
             try:
                 self._cancel = self.lease.cancel_requested()
@@ -106,9 +104,8 @@ class _Hooks:
 class JobRunner:
     """Runs one delivery of one job id on behalf of ``worker_id``."""
 
-    def __init__(self, settings: Settings, wsettings: WorkerSettings, worker_id: str) -> None:
+    def __init__(self, settings: Settings, worker_id: str) -> None:
         self.settings = settings
-        self.wsettings = wsettings
         self.worker_id = worker_id
         self.sessions = sync_sessionmaker(settings)
         self.store = ArtifactStore(settings)
@@ -122,7 +119,7 @@ class JobRunner:
             log.info("not claimed: finished or running elsewhere; duplicate delivery dropped")
             return "skipped"
         log.info("claimed", extra={"attempt": job.attempts})
-        if job.attempts > self.wsettings.max_attempts:
+        if job.attempts > self.settings.worker_max_attempts:
             # Redelivered after its process died again and again (e.g. killed for memory).
             lease.finish("failed", problems.worker_lost(job.attempts - 1))
             self._cleanup(job_id)
@@ -152,11 +149,11 @@ class JobRunner:
         from d4c_core.pipeline import run
 
         limit = self.settings.job_time_limit_s
-        hooks = _Hooks(lease, beat, self.wsettings, time.monotonic() + limit)
+        hooks = _Hooks(lease, beat, self.settings, time.monotonic() + limit)
         work = self.settings.work_dir / job.id
         try:
             staging = self.store.staging_dir(job.id)
-            spec = job_spec(job, self.settings, self.sessions, self.wsettings.device)
+            spec = job_spec(job, self.settings, self.sessions, self.settings.worker_device)
             report = run(spec, work, staging, hooks.on_progress, hooks.should_cancel)
             verify(staging)  # what the pipeline wrote is what its manifest lists
             if not _still_mine(lease):
@@ -166,6 +163,7 @@ class JobRunner:
             return "succeeded"
         except LeaseLost:
             log.warning("claim lost to another worker; leaving the job to it")
+            self._discard_if_deleted(job.id)
             return "lost"
         except WorkerStopping:
             released = lease.release()
@@ -173,6 +171,7 @@ class JobRunner:
             return "released" if released else "lost"
         except Cancelled:
             if beat.lost.is_set():
+                self._discard_if_deleted(job.id)
                 return "lost"
             return _end(lease, "cancelled")
         except (JobTimeLimit, SoftTimeLimitExceeded):
@@ -187,6 +186,11 @@ class JobRunner:
         except Exception:
             log.exception("job failed unexpectedly")
             return _end(lease, "failed", problems.internal())
+
+    def _discard_if_deleted(self, job_id: str) -> None:
+        """A lost claim may mean the job was taken over, finished and deleted while this
+        worker stalled; what it published or wrote since must not outlive the delete."""
+        deletion.discard_if_deleted(self.sessions, self.settings, job_id)
 
     def _cleanup(self, job_id: str) -> None:
         """A finished job never resumes: its checkpoints are garbage now."""
@@ -227,7 +231,7 @@ def default_worker_id(pid: int | None = None) -> str:
 def run_job(self: Any, job_id: str) -> str:
     """Run (or resume) job ``job_id``; a duplicate delivery is dropped after one UPDATE."""
     worker_id = WORKER_ID or self.request.hostname or default_worker_id()
-    return JobRunner(get_settings(), get_worker_settings(), worker_id).run(job_id)
+    return JobRunner(get_settings(), worker_id).run(job_id)
 
 
 def warm_up() -> None:

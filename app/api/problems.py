@@ -8,6 +8,7 @@ never has to parse a traceback or a framework-specific body.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,6 +17,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+from starlette.routing import Match
 
 log = logging.getLogger("d4c.api")
 
@@ -102,14 +105,52 @@ def problem_response(problem: Problem, request: Request | None = None) -> JSONRe
 
 def _loc(loc: tuple[int | str, ...]) -> str:
     parts = [str(p) for p in loc]
-    if parts and parts[0] in ("body", "query", "path", "header"):
-        parts = parts[1:]
+    where = parts.pop(0) if parts and parts[0] in ("body", "query", "path", "header") else "body"
+    if where != "body":  # a parameter's own name (e.g. the header Idempotency-Key)
+        return ".".join(parts) or where
     # Union members show up as an extra loc element (e.g. bits.str / bits.BitsIn): drop them.
     return ".".join(p for p in parts if not p[:1].isupper() and p not in ("str", "int")) or "body"
 
 
+def _allowed_methods(request: Request) -> str:
+    """Every method some route serves at this path, for a 405's ``Allow``.
+
+    Starlette answers with the methods of the first route whose path matched, so ``/jobs``
+    (GET and POST are two routes) would claim only one of them.
+    """
+    methods: set[str] = set()
+    for route in _leaf_routes(request.app.router.routes):
+        match, _ = route.matches(request.scope)
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
+
+
+def _leaf_routes(routes: list[Any]) -> Iterator[Any]:
+    """The routes of an app, with included routers opened (FastAPI wraps each one; ours are
+    included without an extra prefix, so their routes' own paths are the served ones)."""
+    for route in routes:
+        router = getattr(route, "original_router", None)
+        if router is None:
+            yield route
+        else:
+            yield from _leaf_routes(router.routes)
+
+
 def _message(err: dict[str, Any]) -> str:
     return str(err.get("msg", "invalid"))
+
+
+def _field_error(err: dict[str, Any]) -> FieldError:
+    """One pydantic error as a ``FieldError``. An engine error that knows its own field path
+    (a ``RecipeError`` raised while validating the body's recipe) extends the location."""
+    field, message = _loc(tuple(err["loc"])), _message(err)
+    cause = (err.get("ctx") or {}).get("error")
+    sub = getattr(cause, "field", None)
+    if sub:
+        field = f"{field}.{sub}" if field != "body" else sub
+        message = str(cause).removeprefix(f"{sub}: ")
+    return FieldError(field=field, message=message)
 
 
 # FastAPI's detail for a body it could not decode (fastapi.routing); matched to re-answer it.
@@ -123,8 +164,10 @@ _STATUS_TITLES = {
     405: "Method Not Allowed",
     406: "Not Acceptable",
     409: "Conflict",
+    410: "Gone",
     413: "Content Too Large",
     415: "Unsupported Media Type",
+    416: "Range Not Satisfiable",
     422: "Unprocessable Content",
     429: "Too Many Requests",
     500: "Internal Server Error",
@@ -132,53 +175,71 @@ _STATUS_TITLES = {
 }
 
 
+async def _problem(request: Request, exc: Problem) -> JSONResponse:
+    return problem_response(exc, request)
+
+
+async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
+    errors = [_field_error(e) for e in exc.errors()]
+    # One entry per field: a union's alternatives each report on the same field.
+    seen: dict[str, FieldError] = {}
+    for e in errors:
+        seen.setdefault(e.field, e)
+    uniq = list(seen.values())
+    detail = "; ".join(f"{e.field}: {e.message}" for e in uniq)
+    p = Problem(422, "Invalid request", detail, type_="validation", errors=uniq)
+    return problem_response(p, request)
+
+
+async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400 and exc.detail == _BODY_PARSE_ERROR:
+        # FastAPI answers a JSON syntax error with a 422 but a body that is not even
+        # UTF-8 with a bare 400; both are "the body is not JSON": one answer, as documented.
+        p = validation_problem("body", "the request body is not valid UTF-8 JSON")
+        return problem_response(p, request)
+    title = _STATUS_TITLES.get(exc.status_code, "Error")
+    detail = exc.detail if isinstance(exc.detail, str) and exc.detail != title else None
+    headers = dict(exc.headers or {})
+    if exc.status_code == 405:
+        headers["Allow"] = _allowed_methods(request)
+    p = Problem(exc.status_code, title, detail, headers=headers or None)
+    return problem_response(p, request)
+
+
+async def _client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+    # The client hung up mid-body (routes clean up what they started): its doing, not a
+    # server fault, so no traceback and no 5xx in the access log.
+    log.info("client disconnected mid-request", extra={"path": request.url.path})
+    p = Problem(
+        400,
+        "Bad Request",
+        "the connection closed before the request body was complete",
+        type_="client-disconnected",
+    )
+    return problem_response(p, request)
+
+
+async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
+    log.error(
+        "dependency unavailable",
+        extra={"path": request.url.path, "error": f"{type(exc).__name__}: {exc}"[:500]},
+    )
+    p = Problem(
+        503,
+        "Service Unavailable",
+        "the job database is unreachable; retry later",
+        type_="unavailable",
+        headers={"Retry-After": "5"},
+    )
+    return problem_response(p, request)
+
+
 def install_handlers(app: FastAPI) -> None:
     """Register the problem+json handlers on ``app``."""
-
-    @app.exception_handler(Problem)
-    async def _problem(request: Request, exc: Problem) -> JSONResponse:
-        return problem_response(exc, request)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = [
-            FieldError(field=_loc(tuple(e["loc"])), message=_message(e)) for e in exc.errors()
-        ]
-        # One entry per field: a union's alternatives each report on the same field.
-        seen: dict[str, FieldError] = {}
-        for e in errors:
-            seen.setdefault(e.field, e)
-        uniq = list(seen.values())
-        detail = "; ".join(f"{e.field}: {e.message}" for e in uniq)
-        p = Problem(422, "Invalid request", detail, type_="validation", errors=uniq)
-        return problem_response(p, request)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        if exc.status_code == 400 and exc.detail == _BODY_PARSE_ERROR:
-            # FastAPI answers a JSON syntax error with a 422 but a body that is not even
-            # UTF-8 with a bare 400; both are "the body is not JSON": one answer, as documented.
-            p = validation_problem("body", "the request body is not valid UTF-8 JSON")
-            return problem_response(p, request)
-        title = _STATUS_TITLES.get(exc.status_code, "Error")
-        detail = exc.detail if isinstance(exc.detail, str) and exc.detail != title else None
-        p = Problem(exc.status_code, title, detail, headers=dict(exc.headers or {}) or None)
-        return problem_response(p, request)
-
-    async def _unavailable(request: Request, exc: Exception) -> JSONResponse:
-        log.error(
-            "dependency unavailable",
-            extra={"path": request.url.path, "error": f"{type(exc).__name__}: {exc}"[:500]},
-        )
-        p = Problem(
-            503,
-            "Service Unavailable",
-            "the job database is unreachable; retry later",
-            type_="unavailable",
-            headers={"Retry-After": "5"},
-        )
-        return problem_response(p, request)
-
+    app.add_exception_handler(Problem, _problem)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _validation)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http)  # type: ignore[arg-type]
+    app.add_exception_handler(ClientDisconnect, _client_gone)  # type: ignore[arg-type]
     # Database outages surface as SQLAlchemy errors, or as raw socket errors / timeouts
     # from the async driver while connecting.
     app.add_exception_handler(SQLAlchemyError, _unavailable)

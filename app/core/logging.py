@@ -68,7 +68,7 @@ def bind_celery_job_context() -> None:
 
     Idempotent (fixed ``dispatch_uid``); receivers connected in the parent are inherited by
     prefork children, and prerun/postrun run in the thread that runs the task, so the
-    embedded worker's thread gets the id too and the API's request threads never do.
+    in-process worker's thread gets the id too and the API's request threads never do.
     """
     from celery import signals
 

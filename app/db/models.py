@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal, get_args
 
 from sqlalchemy import (
     JSON,
@@ -29,11 +29,16 @@ from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db.base import Base
+from d4c_core.vocabulary import ARTIFACT_FILES
 
-JOB_STATES = ("queued", "running", "succeeded", "failed", "cancelled")
+JobState = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JOB_STATES: tuple[str, ...] = get_args(JobState)
 ACTIVE_STATES = ("queued", "running")
 FINISHED_STATES = ("succeeded", "failed", "cancelled")
-ARTIFACT_NAMES = ("model.safetensors", "manifest.json", "report.json", "calibration.png")
+ARTIFACT_NAMES = ARTIFACT_FILES
+# Server-chosen ids (uuid4 hex; the storage layout allows this wider set). Anything else is
+# refused before it reaches a query or becomes a path: PostgreSQL rejects NUL in text.
+ID_PATTERN = r"^[0-9A-Za-z_-]{1,64}$"
 
 
 def new_id() -> str:
@@ -109,6 +114,12 @@ class Job(Base):
         UniqueConstraint("tenant_id", "idempotency_key"),
         # GET /jobs: a tenant's jobs newest first, optionally by state.
         Index("ix_jobs_tenant_created", "tenant_id", "created_at", "id"),
+        # The reaper's two deletion sweeps (app/deletion.py), run every few seconds by every
+        # worker: finished jobs past retention (deleted_at IS NULL, finished_at < cutoff) and
+        # tombstones whose files are not yet confirmed gone (purged_at IS NULL, deleted_at <
+        # cutoff). Both are index range scans instead of a scan of the whole table.
+        Index("ix_jobs_retention", "deleted_at", "finished_at"),
+        Index("ix_jobs_unpurged", "purged_at", "deleted_at"),
     )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
@@ -131,6 +142,12 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # Tombstone: when the job's artifacts and work dir were deleted (DELETE /jobs/{id} or the
+    # retention sweep). The row stays, so GET /jobs/{id} still answers and downloads are 410.
+    deleted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # When the files of a tombstoned job were confirmed removed; NULL with deleted_at set means
+    # a purge that did not complete (process died), which the reaper finishes.
+    purged_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
 class Artifact(Base):

@@ -2,7 +2,7 @@
 
 The API is async (asyncpg / aiosqlite); the worker is sync (psycopg / pysqlite). Both take the
 same ``Settings.db_url`` and map its driver, so one ``D4C_DATABASE_URL`` configures both.
-SQLite runs in WAL mode with a busy timeout so the API and an embedded worker can share a file.
+SQLite runs in WAL mode with a busy timeout so the API and an in-process worker can share a file.
 """
 
 from __future__ import annotations
@@ -66,6 +66,23 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cur.close()
 
 
+# Execution option naming how SQLite begins a transaction ("IMMEDIATE" takes the write lock
+# at BEGIN). pysqlite emits no BEGIN before a SELECT, so a read-then-write transaction (count
+# the tenant's active jobs, then insert) is not serialized unless it begins this way.
+SQLITE_BEGIN = "d4c_sqlite_begin"
+
+
+def _sqlite_begin(conn: Any) -> None:
+    mode = conn.get_execution_options().get(SQLITE_BEGIN)
+    if mode is not None:
+        conn.exec_driver_sql(f"BEGIN {mode}")
+
+
+def _listen_sqlite(engine: Engine) -> None:
+    event.listen(engine, "connect", _sqlite_pragmas)
+    event.listen(engine, "begin", _sqlite_begin)
+
+
 def make_sync_engine(settings: Settings, **kwargs: Any) -> Engine:
     """A new sync engine (the worker, the CLI, migrations)."""
     return _make_sync_engine(sync_url(settings), **kwargs)
@@ -75,7 +92,7 @@ def _make_sync_engine(url: URL, **kwargs: Any) -> Engine:
     if _is_sqlite(url):
         _prepare_sqlite(url)
         engine = create_engine(url, **kwargs)
-        event.listen(engine, "connect", _sqlite_pragmas)
+        _listen_sqlite(engine)
         return engine
     return create_engine(url, pool_pre_ping=True, **kwargs)
 
@@ -101,7 +118,7 @@ def async_engine(settings: Settings, **kwargs: Any) -> AsyncEngine:
     if _is_sqlite(url):
         _prepare_sqlite(url)
         engine = create_async_engine(url, **kwargs)
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        _listen_sqlite(engine.sync_engine)
         return engine
     kwargs.setdefault("pool_size", 20)
     kwargs.setdefault("max_overflow", 20)

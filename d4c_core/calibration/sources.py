@@ -22,6 +22,7 @@ from d4c_core.calibration.prompts import calibration_prompts
 from d4c_core.calibration.pse import pse_source
 from d4c_core.calibration.synthesis import ProgressCallback, initial_images
 from d4c_core.errors import CalibrationError
+from d4c_core.finite import require_finite
 from d4c_core.models import BUILTIN_ARCHS, LoadedModel
 from d4c_core.recipe import CalibrationRecipe
 
@@ -131,6 +132,7 @@ def make_calibration(
             f"no calibration source {recipe.method!r}; available: {', '.join(sorted(SOURCES))}"
         )
     images = source(loaded, recipe, seed=seed, image_dir=image_dir, on_step=on_step)
+    require_finite("in the calibration images", images)
     size = loaded.image_size
     expected = (recipe.num_images, 3, size, size)
     if tuple(images.shape) != expected:  # a source bug, not a user error

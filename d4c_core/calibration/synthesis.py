@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from d4c_core.calibration.tv import total_variation
+from d4c_core.finite import require_finite
 from d4c_core.recipe import CalibrationRecipe
 
 ProgressCallback = Callable[[float], None]
@@ -140,9 +141,14 @@ def synthesize(
     n = len(opt.slices)
     progress = _Throttle(on_step, recipe.synth.iters * n)
     progress(0)
+    # A NaN loss check per 1% of the iterations (one device sync each): a model that
+    # overflows stops here, not after the whole synthesis budget.
+    every = max(1, recipe.synth.iters // 100)
     with frozen(model):
         for it in range(recipe.synth.iters):
             for k in range(n):
-                opt.step(k)
+                loss = opt.step(k)
                 progress(it * n + k + 1)
+            if (it + 1) % every == 0:
+                require_finite("in the calibration synthesis loss", loss)
     return opt.images()

@@ -1,4 +1,7 @@
-"""Uniform asymmetric fake quantization, AdaRound weights, LSQ activations, MSE range search.
+"""Uniform asymmetric fake quantization, AdaRound weights, LSQ activations.
+
+The grid itself (scale/zero point of a range, nearest rounding) and the MSE range search
+live in ``grid``; this module adds the straight-through and learnable parts.
 
 Math functions take tensors and return tensors; the modules hold the state one quantizer
 needs (scale, zero point, rounding variables) and a mode that says how to apply it.
@@ -13,13 +16,11 @@ from enum import StrEnum
 import torch
 from torch import Tensor, nn
 
+from d4c_core.finite import require_finite
+from d4c_core.quant.grid import mse_range, qparams, qrange, quantize_int
+
 # AdaRound's rectified sigmoid stretch (Nagel et al. 2020).
 ZETA, GAMMA = 1.1, -0.1
-EPS = 1e-8
-
-
-def qrange(bits: int) -> tuple[int, int]:
-    return 0, 2**bits - 1
 
 
 def round_ste(x: Tensor) -> Tensor:
@@ -143,118 +144,6 @@ def lsq_fake_quant(
 ) -> Tensor:
     """Fake quantization whose step ``scale`` (per tensor, or per last-dim channel) learns."""
     return _LSQ.apply(x, scale, qmin - zero_point, qmax - zero_point, g)
-
-
-def quantize_int(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
-    """Integer codes (as float) of nearest rounding, no gradient path."""
-    return torch.clamp(torch.round(x / scale) + zero_point, qmin, qmax)
-
-
-def qparams(lo: Tensor, hi: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
-    """Scale and integer zero point of a range, widened to contain 0 (so 0 is exact)."""
-    lo = torch.minimum(lo, torch.zeros_like(lo))
-    hi = torch.maximum(hi, torch.zeros_like(hi))
-    scale = torch.clamp((hi - lo) / float(qmax - qmin), min=EPS)
-    zp = torch.clamp(qmin - torch.round(lo / scale), qmin, qmax)
-    return scale, zp
-
-
-def _lp(xq: Tensor, x: Tensor, p: float) -> Tensor:
-    return (xq - x).abs().pow(p).mean(dim=-1)
-
-
-def _subsample(rows: Tensor, max_samples: int) -> Tensor:
-    """Evenly spaced order statistics of each row: keeps the distribution's shape and extremes."""
-    if max_samples <= 0 or rows.shape[1] <= max_samples:
-        return rows
-    return rows.sort(dim=1).values[:, order_stat_index(rows.shape[1], max_samples, rows.device)]
-
-
-def order_stat_index(n: int, k: int, device: torch.device | None = None) -> Tensor:
-    """``k`` evenly spaced indices into ``0..n-1``, both ends included.
-
-    In float64: float32 counts exactly only to 2^24, and one RN50 activation at range init
-    has more elements than that (the last index rounded up, past the end).
-    """
-    return torch.linspace(0, n - 1, k, dtype=torch.float64, device=device).round().long()
-
-
-def mse_range(
-    rows: Tensor,
-    bits: int,
-    p: float = 2.4,
-    candidates: int = 100,
-    zero_points: int = 9,
-    max_samples: int = 512,
-) -> tuple[Tensor, Tensor]:
-    """Per-row (lo, hi) minimizing the Lp quantization error (QDrop's MSE observer).
-
-    One-sided data (all >= 0 or all <= 0): 1-D search over ``candidates`` thresholds.
-    Two-sided: 2-D search, range ``r_i = (max - min) * i / candidates`` times ``zero_points``
-    window positions sliding from the data's min to its max (each rounded to an integer zero
-    point); ``zero_points=0`` tries every integer zero point as the reference does. The
-    winner is finally compared on the full rows with plain min-max, so the search is never
-    worse than min-max even though it scores on a subsample.
-    """
-    rows = rows.detach().float()
-    qmin, qmax = qrange(bits)
-    x = _subsample(rows, max_samples)
-    xmin, xmax = rows.min(dim=1).values, rows.max(dim=1).values
-    best = torch.full_like(xmin, float("inf"))
-    best_lo, best_hi = xmin.clone(), xmax.clone()
-    one_sided = bool((rows >= 0).all() or (rows <= 0).all())
-    levels = float(qmax - qmin)
-    if one_sided:
-        pos = bool((rows >= 0).all())
-        xr = torch.maximum(xmin.abs(), xmax)
-        for i in range(1, candidates + 1):
-            t = xr * i / candidates
-            lo, hi = (torch.zeros_like(t), t) if pos else (-t, torch.zeros_like(t))
-            s, z = qparams(lo, hi, qmin, qmax)
-            err = _lp(quantize_dq(x, s[:, None], z[:, None], qmin, qmax), x, p)
-            better = err < best
-            best = torch.where(better, err, best)
-            best_lo = torch.where(better, lo, best_lo)
-            best_hi = torch.where(better, hi, best_hi)
-    else:
-        xr = xmax - xmin  # two-sided: xmin < 0 < xmax
-        if zero_points <= 0:  # the reference's exhaustive integer grid
-            n_win = 0
-            zgrid = torch.arange(qmin, qmax + 1, device=rows.device, dtype=rows.dtype)
-        else:
-            n_win = zero_points
-            pos = torch.linspace(0, 1, n_win, device=rows.device, dtype=rows.dtype)
-        for i in range(1, candidates + 1):
-            width = xr * i / candidates
-            delta = torch.clamp(width / levels, min=EPS)  # (R,)
-            if n_win:
-                # Slide the window from touching the data's min to touching its max.
-                lo_try = xmin[:, None] + pos[None, :] * (xr - width)[:, None]
-                z = torch.clamp(qmin - torch.round(lo_try / delta[:, None]), qmin, qmax)
-            else:
-                z = zgrid.expand(len(delta), -1)
-            s = delta[:, None]
-            xq = quantize_dq(x[:, None, :], s[:, :, None], z[:, :, None], qmin, qmax)
-            err = _lp(xq, x[:, None, :], p)  # (R, Z)
-            e, j = err.min(dim=1)
-            zbest = z.gather(1, j[:, None])[:, 0]
-            lo, hi = -zbest * delta, (levels - zbest) * delta
-            better = e < best
-            best = torch.where(better, e, best)
-            best_lo = torch.where(better, lo, best_lo)
-            best_hi = torch.where(better, hi, best_hi)
-    # Exact final check against min-max on the full rows.
-    s_b, z_b = qparams(best_lo, best_hi, qmin, qmax)
-    s_m, z_m = qparams(xmin, xmax, qmin, qmax)
-    e_b = _lp(quantize_dq(rows, s_b[:, None], z_b[:, None], qmin, qmax), rows, p)
-    e_m = _lp(quantize_dq(rows, s_m[:, None], z_m[:, None], qmin, qmax), rows, p)
-    keep = e_b <= e_m
-    return torch.where(keep, best_lo, xmin), torch.where(keep, best_hi, xmax)
-
-
-def quantize_dq(x: Tensor, scale: Tensor, zp: Tensor, qmin: int, qmax: int) -> Tensor:
-    """Nearest-rounding quantize-dequantize without autograd tricks (for searches)."""
-    return (quantize_int(x, scale, zp, qmin, qmax) - zp) * scale
 
 
 class RoundMode(StrEnum):
@@ -385,6 +274,8 @@ class ActQuantizer(nn.Module):
         # The memo keeps x alive, so its address cannot be reused by another tensor.
         found = hit[1] if hit is not None and hit[0] is x else None
         if found is None:
+            # Once per layer and batch: a NaN/Inf range would make every later stage garbage.
+            require_finite("in a layer's input during range initialization", x)
             found = mse_range(self._rows(x), self.bits, **self.search)  # type: ignore[arg-type]
             if self.memo is not None:
                 self.memo[key] = (x, found)

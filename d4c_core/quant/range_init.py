@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from d4c_core.artifacts import finalize_scales_
+from d4c_core.artifacts.codec import finalize_scales_
+from d4c_core.finite import require_finite
 from d4c_core.quant.quantizers import RoundMode
 from d4c_core.quant.wrap import act_quantizers, quant_layers, set_quant_state, set_round_mode
 from d4c_core.recipe import QuantRecipe
@@ -43,10 +44,13 @@ def init_ranges(model: nn.Module, images: Tensor, tokens: Tensor, recipe: QuantR
         aq.observing = True
         aq._seen = 0
     try:
+        # The FP embeddings too: an overflow after the last quantized layer shows only there.
         if recipe.quantize_image:
-            model.encode_image(images[: recipe.range_init_images])
+            out = model.encode_image(images[: recipe.range_init_images])
+            require_finite("in the image embeddings during range initialization", out)
         if recipe.quantize_text:
-            model.encode_text(tokens[: recipe.range_init_prompts])
+            out = model.encode_text(tokens[: recipe.range_init_prompts])
+            require_finite("in the text embeddings during range initialization", out)
     finally:
         for _, aq in quantizers:
             aq.observing = False
@@ -57,5 +61,21 @@ def init_ranges(model: nn.Module, images: Tensor, tokens: Tensor, recipe: QuantR
     finalize_scales_(model)
     for info in quant_layers(model):
         info.module.weight_quant.init_alpha(info.module.weight)
+    set_round_mode(model, RoundMode.NEAREST)
+    set_quant_state(model, weights=True, acts=True)
+
+
+def range_state(model: nn.Module) -> dict[str, Tensor]:
+    """Every quantizer's state (ranges, zero points, rounding variables): what range init set,
+    so a checkpoint of it restores the model without the search."""
+    return {k: v for k, v in model.state_dict().items() if "_quant." in k}
+
+
+def init_ranges_from_state(model: nn.Module, state: dict[str, Tensor]) -> None:
+    """Restore a range-init checkpoint and switch quantization on, as ``init_ranges`` ends."""
+    missing = set(range_state(model)) - set(state)
+    if missing:
+        raise RuntimeError(f"range-init checkpoint lacks {sorted(missing)[0]}")
+    model.load_state_dict(state, strict=False)
     set_round_mode(model, RoundMode.NEAREST)
     set_quant_state(model, weights=True, acts=True)

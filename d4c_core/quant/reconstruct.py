@@ -18,6 +18,7 @@ import torch
 from open_clip.modified_resnet import Bottleneck, ModifiedResNet
 from torch import Tensor, nn
 
+from d4c_core.finite import require_finite
 from d4c_core.quant.quantizers import RoundMode
 from d4c_core.quant.wrap import QuantAttentionPool2d, QuantLayer, fp_mode
 from d4c_core.recipe import QuantRecipe
@@ -245,8 +246,10 @@ def reconstruct_unit(
     inputs, targets = unit_data(model, unit, images, tokens, max(recipe.recon_batch, 64))
     _set_mode(unit.layers, RoundMode.NEAREST)
     before = unit_mse(unit.module, inputs, targets)
+    require_finite(f"in reconstruction unit {unit.name} (before)", before)
     optimize_unit(unit, inputs, targets, recipe, seed)
     after = unit_mse(unit.module, inputs, targets)
+    require_finite(f"in reconstruction unit {unit.name}", after)
     return UnitResult(unit.index, unit.name, unit.tower, before, after)
 
 

@@ -1,4 +1,4 @@
-"""Swap a CLIP's layers for quantized twins: ``quantize_(model, recipe)``.
+"""Swap a CLIP's layers for quantized twins: ``wrap_for_quantization(model, recipe)``.
 
 open_clip's ``nn.MultiheadAttention`` and ModifiedResNet's attention pool call
 ``F.multi_head_attention_forward`` with their weights directly, so hooks on their Linear
@@ -211,10 +211,11 @@ def _wrap_transformer_blocks(
         _replace_linear(blk.mlp, "c_proj", mlp_bits[0], mlp_bits[1], per_channel_input=False)
 
 
-def quantize_(model: nn.Module, recipe: QuantRecipe) -> nn.Module:
+def wrap_for_quantization(model: nn.Module, recipe: QuantRecipe) -> nn.Module:
     """Replace, in place, every layer the reference quantizes; return the model.
 
-    Quantizers start disabled: the model computes FP until range init switches them on.
+    Quantizers start disabled: the model computes FP until range init switches them on. Only
+    the wrapping: ``d4c_core.quantize`` is the whole job (calibration, ranges, rounding).
     """
     w, a = recipe.weight_bits, recipe.act_bits
     # New modules (split projections, quantizer state) are built on the CPU.

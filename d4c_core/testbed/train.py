@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -39,11 +37,10 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from d4c_core.evaluate import zero_shot
-from d4c_core.models import CONFIG_DIR, ModelSpec, create_architecture, load_clip
-from d4c_core.testbed.render import BACKGROUNDS, COLOR_NAMES, OCCLUSION_P, SIZES
-from d4c_core.testbed.shapes import KINDS
+from d4c_core.models import ModelSpec, create_architecture, load_clip
+from d4c_core.testbed.card import model_card
 from d4c_core.testbed.tasks import tasks
-from d4c_core.testbed.world import CAPTION_TEMPLATES, Batch, caption, caption_fits, generate
+from d4c_core.testbed.world import Batch, caption_fits, generate
 
 LOGIT_SCALE_MAX = math.log(100.0)  # CLIP's clamp: temperature never below 0.01
 PROBE_STEPS = 10  # steps timed (on a copy) to turn a --minutes budget into a step count
@@ -206,20 +203,49 @@ def plan_steps(cfg: TrainConfig, model: nn.Module, tokens_of: CaptionTokens, eva
     return steps
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run the training; return a summary (steps, wall time, losses, speeds)."""
-    if (cfg.steps is None) == (cfg.minutes is None):
-        raise ValueError("give exactly one of steps or minutes")
+def _build(cfg: TrainConfig) -> tuple[nn.Module, Any, torch.optim.Optimizer]:
+    """The seeded random-init model in train mode, its tokenizer and AdamW: everything the
+    run's outcome depends on besides the step count."""
     torch.set_num_threads(cfg.threads)
     with torch.random.fork_rng():
         torch.manual_seed(cfg.seed)
         model = create_architecture(cfg.arch)
     model.train()
     tokenizer = open_clip.get_tokenizer(cfg.arch)
-    tokens_of = CaptionTokens(tokenizer)
     opt = torch.optim.AdamW(
         param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6
     )
+    return model, tokenizer, opt
+
+
+@dataclass
+class _Window:
+    """Loss and speed since the last log line (one line per ``log_every`` steps)."""
+
+    t: float
+    steps: int = 0
+    loss: float = 0.0
+
+    def fields(self, step: int, lr: float, batch: int, model: nn.Module, start: float) -> dict:
+        now = time.perf_counter()
+        dt = now - self.t
+        return {
+            "step": step,
+            "loss": round(self.loss / self.steps, 4),
+            "lr": lr,
+            "img_per_s": round(self.steps * batch / dt, 1),
+            "steps_per_s": round(self.steps / dt, 3),
+            "logit_scale": round(float(model.logit_scale.detach().exp()), 2),
+            "elapsed_s": round(now - start, 1),
+        }
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run the training; return a summary (steps, wall time, losses, speeds)."""
+    if (cfg.steps is None) == (cfg.minutes is None):
+        raise ValueError("give exactly one of steps or minutes")
+    model, tokenizer, opt = _build(cfg)
+    tokens_of = CaptionTokens(tokenizer)
     loss_fn = MaskedClipLoss()
 
     t0 = time.perf_counter()
@@ -231,38 +257,27 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     warmup = max(1, min(cfg.warmup, total // 4))
     _log(step=0, planned_steps=total, warmup=warmup)
     start = time.perf_counter()
-    window_t, window_steps, window_loss = start, 0, 0.0
-    step = 0
-    loss = float("nan")
-    last_acc = acc0
+    window = _Window(start)
+    step, loss, last_acc = 0, float("nan"), acc0
     while step < total:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, warmup, cfg.lr)
         data = train_batch(step, cfg.seed, cfg.batch)
         loss = train_step(model, opt, loss_fn, data, tokens_of(data.captions))
         step += 1
-        window_steps += 1
-        window_loss += loss
+        window.steps += 1
+        window.loss += loss
         if not math.isfinite(loss):
             raise RuntimeError(f"loss became {loss} at step {step}")
         do_eval = step % cfg.eval_every == 0 or step == total
         if do_eval or step % cfg.log_every == 0:
-            now = time.perf_counter()
-            dt = now - window_t
-            fields: dict[str, Any] = {
-                "step": step,
-                "loss": round(window_loss / window_steps, 4),
-                "lr": lr_at(step - 1, total, warmup, cfg.lr),
-                "img_per_s": round(window_steps * cfg.batch / dt, 1),
-                "steps_per_s": round(window_steps / dt, 3),
-                "logit_scale": round(float(model.logit_scale.detach().exp()), 2),
-                "elapsed_s": round(now - start, 1),
-            }
+            lr = lr_at(step - 1, total, warmup, cfg.lr)
+            fields = window.fields(step, lr, cfg.batch, model, start)
             if do_eval:
                 last_acc = _quick_eval(model, tokenizer)
                 fields["zs_object10_top1"] = last_acc
             _log(**fields)
-            window_t, window_steps, window_loss = time.perf_counter(), 0, 0.0
+            window = _Window(time.perf_counter())
     wall = time.perf_counter() - start
     return {
         "model": model,
@@ -296,91 +311,6 @@ def evaluate_file(arch: str, path: Path) -> dict[str, dict[str, Any]]:
         )
         for name, task in tasks().items()
     }
-
-
-def _example_caption() -> str:
-    kind, color, bg = KINDS.index("star"), COLOR_NAMES.index("red"), BACKGROUNDS.index("grass")
-    return caption(0, kind, color, 0, bg)
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def model_card(
-    cfg: TrainConfig, summary: dict[str, Any], results: dict[str, dict[str, Any]], command: str
-) -> str:
-    """Markdown describing what was trained, on what, how, where, and how well it does."""
-    config = json.loads((CONFIG_DIR / f"{cfg.arch}.json").read_text())
-    n_params = sum(p.numel() for p in summary["model"].parameters())
-    repro = (
-        f"python -m d4c_core.testbed.train --arch {cfg.arch} --steps {summary['steps']} "
-        f"--seed {cfg.seed} --batch {cfg.batch} --lr {cfg.lr} --warmup {summary['warmup']} "
-        f"--weight-decay {cfg.weight_decay} --dtype {cfg.dtype} --out {shlex.quote(str(cfg.out))}"
-    )
-    tk = tasks()
-    rows = "\n".join(
-        f"| {name} | {len(tk[name].classnames)} | {len(tk[name].templates)} | {r['n']} "
-        f"| {r['top1']:.2f} | {r['top5']:.2f} |"
-        for name, r in results.items()
-    )
-    size = cfg.out.stat().st_size
-    return f"""# {cfg.arch}: built-in testbed weights
-
-Trained from scratch by `d4c_core.testbed.train` on the synthetic testbed world
-(`d4c_core/testbed`), the project's offline stand-in for "CLIP + CIFAR". It is not a
-natural-image model: it knows {len(KINDS)} object kinds, colors, sizes and backgrounds.
-
-## Architecture
-
-open_clip config `d4c_core/model_configs/{cfg.arch}.json`, {n_params:,} parameters:
-
-```json
-{json.dumps(config, indent=2)}
-```
-
-## Data
-
-- Images: 32x32 RGB, one object per image on a textured background, rendered on the fly.
-  {len(KINDS)} kinds, {len(COLOR_NAMES)} colors ({", ".join(COLOR_NAMES)}), sizes
-  {"/".join(SIZES)} (~45-80 % of the image), +-15 degree rotation, +-10 % aspect jitter,
-  occlusion attempted with p={OCCLUSION_P} (hides 5-30 % of the object), backgrounds
-  {", ".join(BACKGROUNDS)}, random muted colors kept away from the object's color,
-  lighting, contrast and sensor noise.
-- Captions: {len(CAPTION_TEMPLATES)} templates naming kind plus a subset of color, size and
-  background (e.g. "{_example_caption()}"). Pairs whose caption is also true of
-  the other image are masked out of the contrastive loss.
-- Stream: a fresh batch every step from seed stream `train-{cfg.seed}`; evaluation splits
-  come from separate `task/...` streams, so no test image is ever trained on.
-
-## Training
-
-- Command: `{command}`
-- Reproduce step for step: `{repro}`
-- Steps: {summary["steps"]} x batch {cfg.batch} = {summary["steps"] * cfg.batch:,} images;
-  AdamW (betas 0.9/0.98, eps 1e-6, weight decay {cfg.weight_decay} on weight matrices only),
-  lr {cfg.lr} with {summary["warmup"]} warmup steps then cosine to 0; logit scale clamped
-  at 100; seed {cfg.seed}.
-- Wall time: {summary["wall_s"] / 60:.1f} min ({summary["img_per_s"]:.0f} images/s);
-  final training loss {summary["final_loss"]:.3f}.
-- Machine: {platform.platform()}, {platform.processor() or platform.machine()},
-  {os.cpu_count()} CPUs visible, torch {torch.__version__} with {cfg.threads} threads
-  (OMP_WAIT_POLICY={os.environ.get("OMP_WAIT_POLICY", "unset")}), open_clip
-  {open_clip.__version__}. The machine may have been shared: wall time is an upper bound.
-
-## Zero-shot accuracy (FP32 model loaded from this file)
-
-Full test splits, `d4c_core.evaluate.zero_shot` with each task's templates.
-
-| task | classes | templates | images | top-1 % | top-5 % |
-|---|---|---|---|---|---|
-{rows}
-
-## File
-
-`{cfg.out.name}`: {size:,} bytes, float tensors stored as {cfg.dtype}, sha256
-`{_sha256(cfg.out)}`.
-"""
 
 
 def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:

@@ -18,7 +18,6 @@ from d4c_core.artifacts import (
     MANIFEST_FILE,
     MODEL_FILE,
     REPORT_FILE,
-    export,
     finalize_scales_,
     inspect,
     load_quantized,
@@ -26,18 +25,20 @@ from d4c_core.artifacts import (
     unpack_int,
     verify,
     weight_bytes,
+    write_artifact,
     write_safetensors,
 )
 from d4c_core.errors import ArtifactError
 from d4c_core.models import LoadedModel, ModelSpec, load_clip
-from d4c_core.quant.quantizers import ActQuantizer, RoundMode, qparams
+from d4c_core.quant.grid import qparams
+from d4c_core.quant.quantizers import ActQuantizer, RoundMode
 from d4c_core.quant.wrap import (
     act_quantizers,
     fp_mode,
     quant_layers,
-    quantize_,
     set_quant_state,
     set_round_mode,
+    wrap_for_quantization,
 )
 from d4c_core.recipe import Recipe
 
@@ -70,7 +71,7 @@ def _minmax_init(q: torch.nn.Module) -> None:
 
 def _quantize(lm: LoadedModel, recipe: Recipe, acts: bool = True) -> torch.nn.Module:
     """Range init by hand (the real one lives elsewhere), then random HARD rounding decisions."""
-    q = quantize_(copy.deepcopy(lm.model), recipe.quant)
+    q = wrap_for_quantization(copy.deepcopy(lm.model), recipe.quant)
     g = torch.Generator().manual_seed(0)
     if acts:
         for _, aq in act_quantizers(q):
@@ -97,7 +98,7 @@ def _quantize(lm: LoadedModel, recipe: Recipe, acts: bool = True) -> torch.nn.Mo
 def _export(lm: LoadedModel, q: torch.nn.Module, recipe: Recipe, out: Path, **kw) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     report = {"metrics": {"top1": 0.5}, "note": "test"}
-    return export(q, lm.spec, recipe, out, fingerprint=lm.fingerprint, report=report, **kw)
+    return write_artifact(q, lm.spec, recipe, out, fingerprint=lm.fingerprint, report=report, **kw)
 
 
 @pytest.fixture(scope="module")
@@ -160,7 +161,7 @@ def test_pack_rejects_bad_input() -> None:
 
 
 def test_finalize_scales_is_fp16_exact_and_idempotent(fp_models) -> None:
-    q = quantize_(copy.deepcopy(fp_models["d4c-tiny-vit"].model), Recipe().quant)
+    q = wrap_for_quantization(copy.deepcopy(fp_models["d4c-tiny-vit"].model), Recipe().quant)
     layers = quant_layers(q)
     _minmax_init(q)
     layers[0].module.weight_quant.scale[0] = 1e-9  # would flush to 0 in fp16

@@ -35,6 +35,7 @@ from d4c_core.artifacts import load_quantized
 from d4c_core.cli import main
 from d4c_core.evaluate import zero_shot
 from d4c_core.models import BUILTIN_TAG, WEIGHTS_DIR, LoadedModel, ModelSpec, load_clip
+from d4c_core.recipe import Recipe
 
 FAST = ["--recon-iters", "2", "--images", "8"]
 # The tiny-vit artifact of the module fixture; the resume test reruns exactly these arguments
@@ -260,7 +261,10 @@ def test_inspect_ok_then_corrupted(
 
 
 def test_inspect_missing_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    error_line(cli(capsys, "inspect", tmp_path / "nope"), "manifest.json")
+    # The path as given, and what is wrong with it (not a bare "nope: no manifest.json").
+    error_line(cli(capsys, "inspect", tmp_path / "nope"), str(tmp_path / "nope"), "no such dir")
+    (tmp_path / "empty").mkdir()
+    error_line(cli(capsys, "inspect", tmp_path / "empty"), "not a d4c artifact", "manifest.json")
 
 
 def test_entry_point_subprocess(vit_q: Quantized) -> None:
@@ -433,6 +437,7 @@ def test_quantize_refuses_checkpoint(
     )
     line = error_line(run, *needles)
     assert ckpt.name in line
+    assert run.err.strip().splitlines() == [line]  # refused before any progress line
     assert_nothing_written(out)
 
 
@@ -629,7 +634,7 @@ def test_quantize_d4c_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[s
         (["--model", "d4c-tiny-vit", "--synth-iters", "3"], ["--synth-iters", "not noise"]),
         (["--model", "d4c-tiny-vit", "--calib", "real", "--per-batch-adam"], ["--per-batch-adam"]),
         (["--model", "d4c-tiny-rn", "--calib", "bns", "--d4c-components", "pgsi"],
-         ["--d4c-components needs --calib d4c"]),
+         ["--d4c-components", "only for method d4c, not bns"]),
         (["--model", "d4c-tiny-vit", "--calib", "d4c", "--d4c-components", "scg,pae"],
          ["not a valid ablation", "pgsi,scg,pae"]),
         (["--model", "d4c-tiny-vit", "--calib", "d4c", "--synth-batch", "0"], ["batch"]),
@@ -676,3 +681,99 @@ def test_quantize_prompt_files_reach_the_recipe(
     assert cal.classnames == ("oval", "letter T") and cal.templates == ("a drawing of a {c}.",)
     assert (cal.synth.iters, cal.synth.batch, cal.synth.per_batch_adam) == (1, 4, True)
     assert cal.synth.components == ("pgsi", "pae")
+
+
+# ------------------------------------------------------- what a new user tripped over
+
+
+def test_quantize_help_shows_every_recipe_default(capsys: pytest.CaptureFixture[str]) -> None:
+    """The flags come from the recipe's declarations, each with its default."""
+    from d4c_core.recipe import Recipe
+    from d4c_core.recipe_cli import recipe_flags
+
+    with pytest.raises(SystemExit):
+        main(["quantize", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for needle in (
+        "--bits",
+        "default: w4a8",
+        "--calib",
+        "default: noise",
+        "--images",
+        "default: 128",
+        "--seed",
+        "default: 0",
+        "--device",
+        "default: cpu",
+    ):
+        assert needle in text, needle
+    flags = recipe_flags()
+    assert len({f.flags[0] for f in flags}) == len(flags)  # one flag per field, no clash
+    defaults = Recipe()
+    assert f"default: {defaults.quant.recon_iters}; recipe: quant.recon_iters" in text
+    assert "recipe: calibration.synth.kde_points" in text  # even the deepest field
+
+
+def test_unknown_model_names_the_builtins_and_a_close_match(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    run = cli(capsys, "quantize", "--model", "ViT-B-33", *FAST, "--out", tmp_path / "OUT")
+    line = error_line(run, "d4c-tiny-vit", "d4c-tiny-rn", "d4c models", "ViT-B-32")
+    assert "open_clip.list_models" not in line
+    listing = cli(capsys, "models", "--json")
+    rows = json.loads(listing.out)
+    assert rows[0] == {"arch": "d4c-tiny-rn", "builtin": True} and len(rows) > 100
+
+
+def test_existing_artifact_is_replaced_only_with_overwrite(
+    vit_q: Quantized, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "OUT"
+    shutil.copytree(vit_q.out, out)
+    before = (out / "manifest.json").read_bytes()
+    run = cli(capsys, "quantize", *VIT_ARGS, "--out", out)
+    error_line(run, "--overwrite")
+    assert (out / "manifest.json").read_bytes() == before
+
+
+def test_recipe_file_and_flags_make_one_recipe(
+    vit_q: Quantized, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--recipe takes a manifest (its recipe reproduces the job); flags override its fields."""
+    import d4c_core.pipeline
+
+    seen: list[Any] = []
+
+    def fake_run(job: Any, *a: Any, **k: Any) -> dict[str, Any]:
+        seen.append(job.recipe)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(d4c_core.pipeline, "run", fake_run)
+    manifest = vit_q.out / "manifest.json"
+    base = json.loads(manifest.read_text())["recipe"]
+    main(
+        [
+            "quantize",
+            "--model",
+            "d4c-tiny-vit",
+            "--recipe",
+            str(manifest),
+            "--out",
+            str(tmp_path / "A"),
+        ]
+    )
+    main(
+        [
+            "quantize",
+            "--model",
+            "d4c-tiny-vit",
+            "--recipe",
+            str(manifest),
+            "--seed",
+            "9",
+            "--out",
+            str(tmp_path / "B"),
+        ]
+    )
+    assert seen[0].to_dict() == Recipe.from_dict(base).to_dict()
+    assert seen[1].seed == 9 and seen[1].replace(seed=base["seed"]) == seen[0]

@@ -29,8 +29,8 @@ from d4c_core.quant.wrap import (
     act_quantizers,
     fp_mode,
     quant_layers,
-    quantize_,
     set_quant_state,
+    wrap_for_quantization,
 )
 from d4c_core.recipe import Recipe
 
@@ -251,7 +251,7 @@ def test_zero_shot_folder_on_tiny_model(loaded: LoadedModel, tmp_path: Path) -> 
 @pytest.fixture(scope="module")
 def quantized(loaded: LoadedModel) -> nn.Module:
     """W4A8 tiny ViT with ranges initialized (small search grids: this is about plumbing)."""
-    q = quantize_(copy.deepcopy(loaded.model), Recipe.preset("w4a8").quant)
+    q = wrap_for_quantization(copy.deepcopy(loaded.model), Recipe.preset("w4a8").quant)
     search = {"candidates": 10, "zero_points": 4, "max_samples": 512}
     for _, aq in act_quantizers(q):
         aq.observing, aq.search = True, dict(search)

@@ -11,11 +11,14 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from d4c_core.errors import CheckpointError, SpecError, WeightsUnavailable
+from d4c_core.errors import CheckpointError, ModelTooLarge, SpecError, WeightsUnavailable
 from d4c_core.models import (
     BUILTIN_ARCHS,
     LoadedModel,
     ModelSpec,
+    check_checkpoint_file,
+    check_model_size,
+    count_params,
     create_architecture,
     fingerprint_state,
     list_archs,
@@ -224,3 +227,87 @@ def test_open_clip_registry_sees_builtin_config() -> None:
     list_archs()
     m = open_clip.create_model("d4c-tiny-rn", pretrained=None, load_weights=False)
     assert m.visual.image_size in (32, (32, 32))
+
+
+# ----------------------------------------------------------------------------- dtypes, values, size
+# Issue 13: an int8 / bool / int64 tensor of the right name and shape loaded by silent casting,
+# and an all-NaN checkpoint was accepted; both must be refused naming the tensor, on the CLI's
+# path (load_clip) and on the service's upload check (check_checkpoint_file) alike.
+
+BAD_TENSOR = "visual.proj"
+
+
+def _corrupt(state: dict[str, torch.Tensor], kind: str) -> dict[str, torch.Tensor]:
+    t = state[BAD_TENSOR]
+    bad = {
+        "int8": lambda: t.to(torch.int8),
+        "bool": lambda: t > 0,
+        "int64": lambda: t.to(torch.int64),
+        "one-nan": lambda: t.clone().index_fill_(0, torch.tensor([3]), float("nan")),
+        "one-inf": lambda: t.clone().index_fill_(0, torch.tensor([0]), float("-inf")),
+        "all-nan": lambda: torch.full_like(t, float("nan")),
+    }[kind]()
+    return {**state, BAD_TENSOR: bad.contiguous()}
+
+
+@pytest.mark.parametrize("kind", ["int8", "bool", "int64", "one-nan", "one-inf", "all-nan"])
+def test_non_float_or_non_finite_weights_are_rejected_naming_the_tensor(
+    tmp_path: Path, vit_ckpt: tuple[Path, dict[str, torch.Tensor]], kind: str
+) -> None:
+    path = tmp_path / "bad.safetensors"
+    save_file(_corrupt(vit_ckpt[1], kind), str(path))
+    expect = "floating point" if kind in ("int8", "bool", "int64") else "NaN or Inf"
+    with pytest.raises(CheckpointError, match=expect) as info:
+        load_clip(ModelSpec("d4c-tiny-vit", checkpoint=path))
+    assert BAD_TENSOR in str(info.value)
+    with pytest.raises(CheckpointError, match=expect) as info:
+        check_checkpoint_file(path, "d4c-tiny-vit", "uploaded checkpoint")
+    assert BAD_TENSOR in str(info.value) and str(tmp_path) not in str(info.value)
+
+
+def test_half_precision_checkpoints_pass_and_int_buffers_keep_their_dtype(
+    tmp_path: Path, tiny: dict[str, LoadedModel]
+) -> None:
+    """Float16 / bfloat16 weights are fine (the built-in ones are fp16); BatchNorm's int64
+    step counter must stay an integer, and a float one is a dtype error."""
+    for dtype in (torch.float16, torch.bfloat16):
+        state = {k: v.to(dtype) for k, v in tiny["d4c-tiny-vit"].model.state_dict().items()}
+        save_file(state, str(tmp_path / "half.safetensors"))
+        check_checkpoint_file(tmp_path / "half.safetensors", "d4c-tiny-vit")
+        load_clip(ModelSpec("d4c-tiny-vit", checkpoint=tmp_path / "half.safetensors"))
+    rn = {k: v.contiguous() for k, v in tiny["d4c-tiny-rn"].model.state_dict().items()}
+    save_file(rn, str(tmp_path / "rn.safetensors"))
+    check_checkpoint_file(tmp_path / "rn.safetensors", "d4c-tiny-rn")
+    counter = next(k for k in rn if k.endswith("num_batches_tracked"))
+    save_file({**rn, counter: rn[counter].float()}, str(tmp_path / "rn-f.safetensors"))
+    with pytest.raises(CheckpointError, match=rf"{counter} has dtype F32, not I64"):
+        check_checkpoint_file(tmp_path / "rn-f.safetensors", "d4c-tiny-rn")
+
+
+@pytest.mark.parametrize("kind", ["garbage", "pickle", "truncated", "other-arch", "missing"])
+def test_the_file_check_refuses_what_the_loader_refuses_without_naming_the_path(
+    tmp_path: Path, vit_ckpt: tuple[Path, dict[str, torch.Tensor]], kind: str
+) -> None:
+    path = tmp_path / ".upload-secret.part"
+    good = vit_ckpt[0].read_bytes()
+    if kind == "pickle":
+        torch.save(vit_ckpt[1], path)
+    elif kind != "missing":
+        path.write_bytes({"garbage": os.urandom(4096), "truncated": good[:-1]}.get(kind, good))
+    arch = "d4c-tiny-rn" if kind == "other-arch" else "d4c-tiny-vit"
+    with pytest.raises(CheckpointError) as info:
+        check_checkpoint_file(path, arch, "uploaded checkpoint")
+    msg = str(info.value)
+    assert msg.startswith("uploaded checkpoint") and "\n" not in msg
+    assert str(tmp_path) not in msg and "secret" not in msg
+    if kind == "other-arch":
+        assert "does not fit the architecture" in msg
+
+
+def test_param_count_is_taken_on_the_meta_device(tiny: dict[str, LoadedModel]) -> None:
+    for arch, lm in tiny.items():
+        assert count_params(arch) == sum(p.numel() for p in lm.model.parameters())
+    check_model_size("d4c-tiny-rn", None)  # no budget: no check
+    check_model_size("d4c-tiny-rn", count_params("d4c-tiny-rn"))
+    with pytest.raises(ModelTooLarge, match=r"d4c-tiny-rn has 5,018,969 parameters"):
+        check_model_size("d4c-tiny-rn", 5_000_000)

@@ -14,6 +14,14 @@ import numpy as np
 import pytest
 import torch
 
+from d4c_core.quant.grid import (
+    mse_range,
+    order_stat_index,
+    qparams,
+    qrange,
+    quantize_dq,
+    quantize_int,
+)
 from d4c_core.quant.quantizers import (
     GAMMA,
     ZETA,
@@ -22,12 +30,6 @@ from d4c_core.quant.quantizers import (
     WeightQuantizer,
     fake_quant,
     grad_scale,
-    mse_range,
-    order_stat_index,
-    qparams,
-    qrange,
-    quantize_dq,
-    quantize_int,
     round_ste,
 )
 

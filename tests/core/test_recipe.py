@@ -114,7 +114,7 @@ ROUND_TRIP = [
             templates=("a photo of a {c}.", "{c}"),
         ),
     ),
-    Recipe().replace(quant={"adaround_lambda": 1e-7, "adaround_warmup": 0.0}, seed=-1),
+    Recipe().replace(quant={"adaround_lambda": 1e-7, "adaround_warmup": 0.0}, seed=2**31 - 1),
 ]
 
 
@@ -129,8 +129,8 @@ def test_json_round_trip_is_exact(recipe: Recipe) -> None:
     # Every field is in the JSON (no silently implied defaults).
     data = json.loads(text)
     assert set(data) == {"version", "seed", "quant", "calibration"}
-    assert set(data["quant"]) == set(QuantRecipe.__dataclass_fields__)
-    assert set(data["calibration"]) == set(CalibrationRecipe.__dataclass_fields__)
+    assert set(data["quant"]) == set(QuantRecipe.model_fields)
+    assert set(data["calibration"]) == set(CalibrationRecipe.model_fields)
     hash(back)  # frozen and hashable: tuples, not lists
 
 
@@ -264,15 +264,44 @@ def test_synth_json_round_trip_is_exact(recipe: Recipe) -> None:
     text = recipe.to_json()
     back = Recipe.from_json(text)
     assert back == recipe and back.to_json() == text
-    assert set(json.loads(text)["calibration"]["synth"]) == set(SynthRecipe.__dataclass_fields__)
+    assert set(json.loads(text)["calibration"]["synth"]) == set(SynthRecipe.model_fields)
     assert isinstance(back.calibration.synth, SynthRecipe)
     hash(back)
 
 
 def test_nested_replace_reaches_synth() -> None:
-    r = Recipe().replace(calibration={"synth": {"iters": 5}})
+    r = Recipe().replace(calibration={"method": "bns", "synth": {"iters": 5}})
     assert r.calibration.synth.iters == 5 and r.calibration.synth.batch == 16
-    assert r.calibration.method == "noise"
+    assert r.calibration.method == "bns"
+
+
+@pytest.mark.parametrize(
+    ("calibration", "message"),
+    [
+        ({"method": "noise", "synth": {"iters": 5}}, "iters: only for methods bns, pse, d4c"),
+        ({"method": "real", "synth": {"per_batch_adam": True}}, "per_batch_adam: only for"),
+        ({"method": "bns", "synth": {"components": ["pgsi"]}}, "only for method d4c, not bns"),
+    ],
+)
+def test_synth_settings_that_cannot_apply_are_errors(
+    calibration: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(SpecError, match=message) as e:
+        Recipe.from_dict({"calibration": calibration})
+    assert e.value.field == "calibration.synth"
+
+
+def test_errors_carry_the_field_path() -> None:
+    cases = {
+        '{"calibration": {"synth": {"iters": -1}}}': "calibration.synth.iters",
+        '{"quant": {"weight_bits": "4"}}': "quant.weight_bits",
+        '{"calibration": {"classnames": ["a\\u202eb"]}}': "calibration.classnames.0",
+        '{"seed": true}': "seed",
+    }
+    for text, path in cases.items():
+        with pytest.raises(SpecError) as e:
+            Recipe.from_json(text)
+        assert e.value.field == path and str(e.value).startswith(path + ": "), str(e.value)
 
 
 @pytest.mark.parametrize(

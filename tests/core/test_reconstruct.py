@@ -20,7 +20,7 @@ from d4c_core.quant.reconstruct import (
     unit_seed,
     units,
 )
-from d4c_core.quant.wrap import QuantLayer, fp_mode, quantize_
+from d4c_core.quant.wrap import QuantLayer, fp_mode, wrap_for_quantization
 from d4c_core.recipe import QuantRecipe
 
 FAST = {"mse_candidates": 20, "range_init_images": 16, "range_init_prompts": 16}
@@ -36,7 +36,7 @@ def _prepared(
         # open_clip zero-inits each Bottleneck's last BN: a random-init branch outputs 0.
         if isinstance(m, torch.nn.BatchNorm2d):
             m.weight.data = 1 + 0.1 * torch.randn(m.weight.shape, generator=g)
-    model = quantize_(fp, recipe)
+    model = wrap_for_quantization(fp, recipe)
     g = torch.Generator().manual_seed(0)
     images = torch.randn(32, 3, lm.image_size, lm.image_size, generator=g)
     tokens = lm.tokenizer([f"a photo of a {w}." for w in ("cat", "dog", "car", "tree")] * 8)

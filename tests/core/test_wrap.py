@@ -12,7 +12,8 @@ from open_clip.transformer import ResidualAttentionBlock
 from torch import nn
 
 from d4c_core.models import LoadedModel
-from d4c_core.quant.quantizers import ActQuantizer, qparams
+from d4c_core.quant.grid import qparams
+from d4c_core.quant.quantizers import ActQuantizer
 from d4c_core.quant.wrap import (
     QuantAttentionPool2d,
     QuantLayer,
@@ -20,8 +21,8 @@ from d4c_core.quant.wrap import (
     act_quantizers,
     fp_mode,
     quant_layers,
-    quantize_,
     set_quant_state,
+    wrap_for_quantization,
 )
 from d4c_core.recipe import QuantRecipe
 
@@ -35,7 +36,7 @@ def images(n: int = 4, seed: int = 0) -> torch.Tensor:
 
 
 def wrapped(lm: LoadedModel, **recipe: object) -> nn.Module:
-    return quantize_(copy.deepcopy(lm.model), QuantRecipe(**recipe))  # type: ignore[arg-type]
+    return wrap_for_quantization(copy.deepcopy(lm.model), QuantRecipe(**recipe))  # type: ignore[arg-type]
 
 
 def assert_close(got: torch.Tensor, want: torch.Tensor, atol: float = ATOL) -> None:
@@ -137,7 +138,7 @@ def test_vit_keep_fp_list_and_bits(tiny: dict[str, LoadedModel]) -> None:
     lm = tiny["d4c-tiny-vit"]
     before = copy.deepcopy(lm.model)
     norms = {n: m for n, m in before.named_modules() if isinstance(m, nn.LayerNorm)}
-    q = quantize_(before, QuantRecipe(weight_bits=4, act_bits=8))
+    q = wrap_for_quantization(before, QuantRecipe(weight_bits=4, act_bits=8))
     assert type(q.visual.conv1) is nn.Conv2d
     assert type(q.token_embedding) is nn.Embedding
     after = {n: m for n, m in q.named_modules() if isinstance(m, nn.LayerNorm)}
@@ -246,7 +247,7 @@ class TextFirst(nn.Module):
 def test_quant_layers_puts_image_first_whatever_the_module_order(
     tiny: dict[str, LoadedModel],
 ) -> None:
-    m = quantize_(TextFirst(copy.deepcopy(tiny["d4c-tiny-vit"].model)), QuantRecipe())
+    m = wrap_for_quantization(TextFirst(copy.deepcopy(tiny["d4c-tiny-vit"].model)), QuantRecipe())
     assert next(n for n, x in m.named_modules() if isinstance(x, QuantLayer)).startswith(
         "transformer."
     )
@@ -261,7 +262,7 @@ def test_quantize_image_false_leaves_visual_untouched(tiny: dict[str, LoadedMode
     lm = tiny["d4c-tiny-vit"]
     m = copy.deepcopy(lm.model)
     visual_modules = list(m.visual.modules())
-    q = quantize_(m, QuantRecipe(quantize_image=False))
+    q = wrap_for_quantization(m, QuantRecipe(quantize_image=False))
     assert list(q.visual.modules()) == visual_modules  # same objects, same order
     assert all(i.tower == "text" for i in quant_layers(q)) and quant_layers(q)
     assert not any(n.startswith("visual.") for n, _ in act_quantizers(q))

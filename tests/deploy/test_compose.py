@@ -250,11 +250,22 @@ def test_worker_images_torch_builds() -> None:
         assert "download.pytorch.org/whl/cpu" in text and "nvidia/cuda" not in text, name
 
 
+def test_images_install_the_package_not_the_tree() -> None:
+    """A regular install: the runtime stage carries the venv, not the source tree (the Alembic
+    scripts ship in the package, so nothing needs the checkout beside it)."""
+    for name, path in DOCKERFILES.items():
+        text = path.read_text()
+        assert "pip install --no-deps . " in text and "install --no-deps -e" not in text, name
+        assert "COPY --from=build /opt/d4c /opt/d4c" not in text, name
+        copies = [args for op, args in instructions(path) if op == "COPY"]
+        assert not any("migrations" in args or "alembic.ini" in args for args in copies), name
+
+
 def test_dockerignore_keeps_secrets_and_data_out() -> None:
     entries = set((ROOT / ".dockerignore").read_text().split())
     assert {".git", ".env", ".env.*", "d4c-data"} <= entries
-    # ...but keeps what `pip install -e .` and the images need.
-    for needed in ("pyproject.toml", "README.md", "migrations", "alembic.ini", "d4c_core"):
+    # ...but keeps what `pip install .` and the images need (the Alembic scripts are in app/).
+    for needed in ("pyproject.toml", "README.md", "app", "d4c_core", "worker", "docker"):
         assert needed not in entries
 
 

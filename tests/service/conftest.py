@@ -29,7 +29,9 @@ from app.db.migrate import upgrade
 from app.db.models import Job
 from app.db.session import make_sync_engine
 from app.main import create_app
-from worker.testing import ServiceStack, pg_admin_url, pg_database, redis_database
+from tests.support.pg import pg_admin_url, pg_database
+from tests.support.redisdb import redis_database
+from tests.support.stack import ServiceStack
 
 PG_ADMIN_URL = os.environ.get("D4C_TEST_PG_ADMIN_URL", "postgresql://postgres@127.0.0.1:5432/test")
 
@@ -105,7 +107,7 @@ def settings(backend: str, request: pytest.FixtureRequest, tmp_path: Path) -> Se
 
 @dataclass
 class Queue:
-    """Stands in for worker.queue.enqueue: records what the API sent."""
+    """Stands in for app.queue.send: records what the API sent."""
 
     sent: list[str] = field(default_factory=list)
 
@@ -176,10 +178,12 @@ def set_job(engine: Any, job_id: str, **values: Any) -> None:
 
 TINY_JOB: dict[str, Any] = {
     "model": {"arch": "d4c-tiny-vit", "pretrained": "builtin"},
-    "bits": "w4a8",
-    "calibration": {"method": "noise", "num_images": 8, "recon_iters": 10},
+    "recipe": {
+        "seed": 0,
+        "quant": {"weight_bits": 4, "act_bits": 8, "recon_iters": 10},
+        "calibration": {"method": "noise", "num_images": 8},
+    },
     "eval_task": "object10",
-    "seed": 0,
 }
 
 
@@ -198,7 +202,7 @@ def make_stack(
 ) -> Iterator[Callable[..., ServiceStack]]:
     stacks: list[ServiceStack] = []
 
-    def make(database_url: str, broker_url: str, **env: str) -> ServiceStack:
+    def make(database_url: str | None, broker_url: str | None, **env: str) -> ServiceStack:
         stack = ServiceStack(tmp_path / f"stack{len(stacks)}", database_url, broker_url, **env)
         stacks.append(stack)
         return stack

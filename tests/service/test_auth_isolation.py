@@ -117,10 +117,11 @@ async def test_artifacts_list_download_and_names(
     sha = add_artifact(db, settings, jid, "model.safetensors", data)
     add_artifact(db, settings, jid, "manifest.json", b'{"a": 1}')
 
-    # Not finished yet: 409 for a real name.
+    # Not finished yet: 409 for a real name, and the same for the listing (not 200 []).
     assert_problem(
         await client.get(f"/jobs/{jid}/artifacts/model.safetensors", headers=tenant.headers), 409
     )
+    assert_problem(await client.get(f"/jobs/{jid}/artifacts", headers=tenant.headers), 409)
     set_job(db, jid, state="succeeded", progress=1.0)
 
     r = await client.get(f"/jobs/{jid}/artifacts", headers=tenant.headers)

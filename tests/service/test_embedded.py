@@ -17,11 +17,11 @@ import pytest
 
 from app.core.config import Settings, get_settings
 from app.db.migrate import upgrade
+from app.queue import send
 from d4c_core.artifacts import verify
-from worker.embedded import start_worker_thread
-from worker.queue import enqueue
-from worker.settings import get_worker_settings
-from worker.testing import insert_job, job_row, service_env, tiny_recipe, wait_for
+from tests.support.jobs import insert_job, job_row, tiny_recipe
+from tests.support.procs import service_env, wait_for
+from worker.inprocess import start_worker_thread
 
 FINISHED = ("succeeded", "failed", "cancelled")
 
@@ -35,13 +35,11 @@ def embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Settin
         if k.startswith("D4C_"):
             monkeypatch.setenv(k, v)
     get_settings.cache_clear()
-    get_worker_settings.cache_clear()
     settings = get_settings()
     assert settings.embedded
     upgrade(settings)
     yield settings
     get_settings.cache_clear()
-    get_worker_settings.cache_clear()
 
 
 def test_in_process_worker_runs_stops_and_resumes(embedded: Settings) -> None:
@@ -49,14 +47,14 @@ def test_in_process_worker_runs_stops_and_resumes(embedded: Settings) -> None:
     worker = start_worker_thread(settings)
     try:
         quick = insert_job(settings, tiny_recipe())
-        assert enqueue(quick)
+        assert send(quick)
         job = wait_for(lambda: _finished(settings, quick), 120, "the first job")
         assert job.state == "succeeded", job.error
         # Sent only now: the filesystem broker orders two messages sent in the same
         # millisecond by a random uuid, so sending both at once let this one run first.
         # 100 iterations: a poll sees it mid-reconstruction even on a fast, quiet machine.
         long = insert_job(settings, tiny_recipe(recon_iters=100))
-        assert enqueue(long)
+        assert send(long)
         # Stop mid-reconstruction: the job goes back to the queue, its units stay on disk.
         try:
             wait_for(lambda: _units_done(settings, long) >= 2, 120, "a few finished units")

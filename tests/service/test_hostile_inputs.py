@@ -108,7 +108,7 @@ CASES: list[Case] = [
     Case("json-null", "POST", "/jobs", 422, json_body=None, content=b"null", headers=JSON),
     Case("deep-nesting", "POST", "/jobs", 422, content=b"[" * 100_000, headers=JSON),
     Case("nan", "POST", "/jobs", 422, content=b'{"seed": NaN}', headers=JSON),
-    Case("huge-int", "POST", "/jobs", 422, json_body=_job(seed=10**400)),
+    Case("huge-int", "POST", "/jobs", 422, json_body=_job(recipe={"seed": 10**400})),
     Case("oversized-json", "POST", "/jobs", 413, content=b" " * 2_000_000, headers=JSON),
     Case(
         "oversized-json-chunked",
@@ -153,9 +153,11 @@ CASES: list[Case] = [
         "/jobs",
         422,
         json_body=_job(
-            prompts={
-                "classnames": [f"c{i}" for i in range(2001)],
-                "templates": ["a photo of a {c}."],
+            recipe={
+                "calibration": {
+                    "classnames": [f"c{i}" for i in range(2001)],
+                    "templates": ["a photo of a {c}."],
+                }
             }
         ),
     ),
@@ -164,14 +166,14 @@ CASES: list[Case] = [
         "POST",
         "/jobs",
         413,
-        json_body=_job(prompts={"classnames": ["x" * 100] * 20_000, "templates": []}),
+        json_body=_job(recipe={"calibration": {"classnames": ["x" * 100] * 20_000}}),
     ),
     Case(
         "num-prompts-huge",
         "POST",
         "/jobs",
         422,
-        json_body=_job(calibration={"method": "noise", "num_prompts": 10**9}),
+        json_body=_job(recipe={"calibration": {"method": "noise", "num_prompts": 10**9}}),
     ),
     # --- unicode and control characters in names
     Case("arch-nul", "POST", "/jobs", 422, json_body=_job(model={"arch": "d4c-tiny-vit\0"})),
@@ -280,14 +282,14 @@ CASES: list[Case] = [
         "POST",
         "/jobs",
         422,
-        json_body=_job(prompts={"classnames": ["cat\u0000"], "templates": ["a {c}."]}),
+        json_body=_job(recipe={"calibration": {"classnames": ["cat\u0000"]}}),
     ),
     Case(
         "template-escape",
         "POST",
         "/jobs",
         422,
-        json_body=_job(prompts={"classnames": ["cat"], "templates": ["\x1b[31m{c}"]}),
+        json_body=_job(recipe={"calibration": {"templates": ["\x1b[31m{c}"]}}),
     ),
     Case(
         "checkpoint-id-traversal-in-body",
@@ -332,6 +334,41 @@ CASES: list[Case] = [
         json_body=TINY_JOB,
         headers={"Idempotency-Key": "k" * 300},
     ),
+    # --- loose coercion: a number is a JSON number, a flag a JSON boolean
+    *[
+        Case(f"strict-{name}", "POST", "/jobs", 422, json_body=_job(recipe=recipe))
+        for name, recipe in {
+            "num-images-bool": {"calibration": {"method": "noise", "num_images": True}},
+            "recon-iters-string": {"quant": {"recon_iters": "10"}},
+            "recon-iters-float": {"quant": {"recon_iters": 10.0}},
+            "weight-bits-string": {"quant": {"weight_bits": "4"}},
+            "seed-string": {"seed": "1"},
+            "per-batch-adam-int": {
+                "calibration": {"method": "d4c", "synth": {"per_batch_adam": 1}}
+            },
+            "classname-number": {"calibration": {"classnames": [1]}},
+        }.items()
+    ],
+    # --- prompts that display as something other than what the model reads
+    *[
+        Case(
+            f"prompt-{name}",
+            "POST",
+            "/jobs",
+            422,
+            json_body=_job(recipe={"calibration": {"classnames": [text]}}),
+        )
+        for name, text in {
+            "c1-nel": "cat\x85dog",
+            "c1-csi": "cat\x9b31m",
+            "bidi-override": "cat\u202edog",
+            "bidi-embedding": "\u202acat",
+            "bidi-isolate": "cat\u2066dog\u2069",
+        }.items()
+    ],
+    # --- no redirect to a client-chosen Host, before or after auth: a plain 404
+    Case("trailing-slash", "GET", "/jobs/", 404, auth="none", headers={"Host": "evil.example"}),
+    Case("trailing-slash-auth", "POST", "/jobs/", 404, json_body=TINY_JOB),
 ]
 
 
@@ -404,6 +441,191 @@ async def test_hostile_input_is_refused_and_changes_nothing(
     assert r.headers["content-type"].startswith("application/problem+json"), r.headers
     problem = r.json()
     assert problem["status"] == r.status_code and problem["title"]
-    assert "Traceback" not in r.text
+    assert "Traceback" not in r.text and "location" not in r.headers
     assert _row_counts(db) == rows_before
     assert _files(settings.data_dir) == files_before
+
+
+async def test_405_allow_lists_every_method_the_path_serves(world: World) -> None:
+    """``/jobs`` is two routes (GET, POST): a 405 must not advertise only the first."""
+    r = await world.client.put("/jobs", headers=world.own.headers)
+    assert r.status_code == 405
+    assert {m.strip() for m in r.headers["allow"].split(",")} == {"GET", "POST"}
+    r = await world.client.patch(f"/jobs/{world.own_job}", headers=world.own.headers)
+    allow = r.headers["allow"]
+    assert r.status_code == 405 and "GET" in allow and "PATCH" not in allow
+
+
+async def test_idempotency_key_errors_name_the_header_and_match_the_document(
+    world: World,
+) -> None:
+    h = world.own.headers
+    r = await world.client.post("/jobs", json=TINY_JOB, headers=h | {"Idempotency-Key": ""})
+    assert r.status_code == 422 and [e["field"] for e in r.json()["errors"]] == ["Idempotency-Key"]
+    r = await world.client.post("/jobs", json=TINY_JOB, headers=h | {"Idempotency-Key": "k1"})
+    assert r.status_code == 202
+    other = _job(recipe={"seed": 1})
+    r = await world.client.post("/jobs", json=other, headers=h | {"Idempotency-Key": "k1"})
+    problem = r.json()
+    assert r.status_code == 422, problem
+    assert problem["type"].endswith("/idempotency-key-reused")
+    assert [e["field"] for e in problem["errors"]] == ["Idempotency-Key"]
+    # The document says what the behaviour is: 422 for a reused key, 409 for a concurrent one.
+    doc = (await world.client.get("/openapi.json")).json()
+    responses = doc["paths"]["/jobs"]["post"]["responses"]
+    assert "Idempotency-Key reused" in responses["422"]["description"]
+    assert "Idempotency-Key" in responses["409"]["description"]
+    assert "application/problem+json" in responses["422"]["content"]
+
+
+async def test_unobtainable_pretrained_tag_is_refused_at_submit(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Offline and not in the hub cache: the job could only fail in the worker."""
+    import d4c_core.models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(d4c_core.models, "_cached_locally", lambda cfg: False)
+    body = _job(model={"arch": "RN50", "pretrained": "openai"})
+    r = await world.client.post("/jobs", json=body, headers=world.own.headers)
+    assert r.status_code == 422, r.text
+    error = r.json()["errors"][0]
+    assert error["field"] == "model.pretrained" and "checkpoint" in error["message"]
+    # Weights in the local cache: the same body is accepted (the worker's check still runs).
+    monkeypatch.setattr(d4c_core.models, "_cached_locally", lambda cfg: True)
+    r = await world.client.post("/jobs", json=body, headers=world.own.headers)
+    assert r.status_code == 202, r.text
+
+
+async def test_upload_cut_off_by_the_client_is_no_server_error(
+    world: World, settings: Settings, db: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A client hanging up mid-upload: files and rows cleaned up, no ERROR, no 5xx."""
+    import logging
+
+    rows_before, files_before = _row_counts(db), _files(settings.data_dir)
+    messages = [{"type": "http.request", "body": b"\0" * 70_000, "more_body": True}]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    sent: list[dict[str, Any]] = []
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/models",
+        "raw_path": b"/models",
+        "root_path": "",
+        "query_string": b"arch=d4c-tiny-vit",
+        "headers": [
+            (b"host", b"test"),
+            (b"content-type", b"application/octet-stream"),
+            (b"authorization", world.own.headers["Authorization"].encode()),
+        ],
+        "client": ("127.0.0.1", 40000),
+        "server": ("test", 80),
+    }
+    with caplog.at_level(logging.INFO):
+        await world.client.app(scope, receive, send)  # type: ignore[attr-defined]
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR] == []
+    statuses = [getattr(r, "status", None) for r in caplog.records if r.name == "d4c.access"]
+    assert statuses and all(s is not None and s < 500 for s in statuses), statuses
+    assert sent[0]["status"] == 400
+    assert _row_counts(db) == rows_before
+    assert _files(settings.data_dir) == files_before
+
+
+# --- issue 13, item 3: weights that are not floats or not finite, and models that overflow.
+# Imports are local to keep this block self-contained (other blocks append to this module).
+
+BAD_TENSOR = "visual.proj"
+
+
+def _tiny_vit_state() -> dict[str, Any]:
+    """The built-in tiny ViT's weights in float32 (shipped as fp16)."""
+    from d4c_core.models import WEIGHTS_DIR, read_checkpoint
+
+    builtin = read_checkpoint(WEIGHTS_DIR / "d4c-tiny-vit.safetensors")
+    return {k: v.float() for k, v in builtin.items()}
+
+
+def _bad_weights(kind: str) -> bytes:
+    import torch
+    from safetensors.torch import save
+
+    state = _tiny_vit_state()
+    t = state[BAD_TENSOR]
+    state[BAD_TENSOR] = {
+        "int8": lambda: t.to(torch.int8),
+        "bool": lambda: t > 0,
+        "int64": lambda: t.to(torch.int64),
+        "nan": lambda: torch.full_like(t, float("nan")),
+        "inf": lambda: t.clone().index_fill_(0, torch.tensor([1]), float("inf")),
+    }[kind]().contiguous()
+    return save(state)
+
+
+@pytest.mark.parametrize("kind", ["int8", "bool", "int64", "nan", "inf"])
+async def test_upload_refuses_non_float_or_non_finite_weights_naming_the_tensor(
+    client: httpx.AsyncClient, tenant: Tenant, settings: Settings, db: Any, kind: str
+) -> None:
+    """The right names and shapes are not enough: an int8 / bool / int64 tensor loaded by
+    silent casting (a job on it "succeeded"), an all-NaN one failed minutes later as an
+    internal error. 422 at upload, naming the tensor, never the server's temp path."""
+    settings.max_upload_bytes = 64_000_000  # the tiny ViT is 15 MB; this module caps at 1 MB
+    rows_before, files_before = _row_counts(db), _files(settings.data_dir)
+    r = await client.post(
+        "/models?arch=d4c-tiny-vit", content=_bad_weights(kind), headers=tenant.headers | OCTET
+    )
+    assert r.status_code == 422, r.text
+    problem = r.json()
+    assert problem["errors"][0]["field"] == "body"
+    message = problem["errors"][0]["message"]
+    assert BAD_TENSOR in message
+    assert ("floating point" if kind.startswith(("int", "bool")) else "NaN or Inf") in message
+    assert ".upload-" not in r.text and str(settings.data_dir) not in r.text
+    assert _row_counts(db) == rows_before
+    assert _files(settings.data_dir) == files_before
+
+
+async def test_a_model_that_overflows_fails_as_non_finite_not_as_internal_error(
+    client: httpx.AsyncClient, tenant: Tenant, settings: Settings
+) -> None:
+    """Finite weights (the upload is accepted) whose activations overflow float32: the job
+    fails as a client problem with its own type and title, not ``/problems/internal-error``
+    (nor "succeeded" with NaN metrics)."""
+    import anyio
+    import torch
+    from safetensors.torch import save
+
+    from worker.tasks import JobRunner
+
+    settings.max_upload_bytes = 64_000_000
+    state = _tiny_vit_state()
+    state["visual.conv1.weight"] = torch.full_like(state["visual.conv1.weight"], 1e38)
+    r = await client.post(
+        "/models?arch=d4c-tiny-vit", content=save(state), headers=tenant.headers | OCTET
+    )
+    assert r.status_code == 201, r.text
+    job = {
+        "model": {"arch": "d4c-tiny-vit", "checkpoint_id": r.json()["checkpoint_id"]},
+        "recipe": {"quant": {"recon_iters": 2}, "calibration": {"num_images": 8}},
+    }
+    r = await client.post("/jobs", json=job, headers=tenant.headers)
+    assert r.status_code == 202, r.text
+    job_id = r.json()["id"]
+    runner = JobRunner(settings, "w-hostile")
+    assert await anyio.to_thread.run_sync(runner.run, job_id) == "failed"
+    body = (await client.get(f"/jobs/{job_id}", headers=tenant.headers)).json()
+    assert body["state"] == "failed", body
+    error = body["error"]
+    assert error["type"] == "/problems/non-finite", error
+    assert error["status"] == 422 and error["title"] == "The model produced non-finite values"
+    assert "non-finite" in error["detail"] and str(settings.data_dir) not in error["detail"]

@@ -12,7 +12,7 @@ import pytest
 from app.core.config import Settings
 from app.db.job_reader import AsyncpgJobReader, SqlAlchemyJobReader
 from app.db.session import async_engine, autocommit_engine
-from worker.testing import insert_job, job_row, tiny_recipe
+from tests.support.jobs import insert_job, job_row, tiny_recipe
 
 pytestmark = pytest.mark.anyio
 

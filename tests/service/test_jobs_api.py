@@ -17,13 +17,21 @@ from tests.service.conftest import TINY_JOB, Queue, Tenant, set_job
 pytestmark = pytest.mark.anyio
 
 
+def _merge(base: dict[str, Any], changes: dict[str, Any]) -> dict[str, Any]:
+    for k, v in changes.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+    return base
+
+
 def job_body(**changes: Any) -> dict[str, Any]:
+    """TINY_JOB with ``changes``: top-level values replaced, ``recipe`` merged into its own
+    (``recipe={"seed": 1}`` keeps the test-sized settings)."""
     body = copy.deepcopy(TINY_JOB)
     for k, v in changes.items():
-        if isinstance(v, dict) and isinstance(body.get(k), dict):
-            body[k].update(v)
-        else:
-            body[k] = v
+        body[k] = _merge(body[k], v) if k == "recipe" and isinstance(v, dict) else v
     return body
 
 
@@ -74,19 +82,18 @@ async def test_create_get_and_enqueue(
     assert got.json()["created_at"].endswith(("Z", "+00:00"))
 
 
-async def test_bits_object_and_d4c_synth(client: httpx.AsyncClient, tenant: Tenant) -> None:
+async def test_d4c_synth_settings_reach_the_recipe(
+    client: httpx.AsyncClient, tenant: Tenant
+) -> None:
+    synth = {"components": ["pgsi", "pae"], "iters": 3, "batch": 4, "per_batch_adam": True}
+    prompts = {"classnames": ["cat", "dog"], "templates": ["a photo of a {c}."]}
     job = await submit(
         client,
         tenant,
-        bits={"weights": 6, "activations": 6},
-        calibration={
-            "method": "d4c",
-            "components": ["pgsi", "pae"],
-            "synth_iters": 3,
-            "synth_batch": 4,
-            "per_batch_adam": True,
+        recipe={
+            "quant": {"weight_bits": 6, "act_bits": 6},
+            "calibration": {"method": "d4c", "synth": synth, **prompts},
         },
-        prompts={"classnames": ["cat", "dog"], "templates": ["a photo of a {c}."]},
     )
     r = Recipe.from_dict(job["recipe"])
     assert (r.quant.weight_bits, r.quant.act_bits) == (6, 6)
@@ -108,14 +115,14 @@ async def test_quant_search_sizes_reach_the_stored_recipe(
         "recon_batch": 2,
         "text_mlp_bits": 6,
     }
-    job = await submit(client, tenant, quant=sizes)
+    job = await submit(client, tenant, recipe={"quant": sizes})
     recipe = Recipe.from_dict(job["recipe"])
     assert {k: getattr(recipe.quant, k) for k in sizes} == sizes
     assert json.loads(recipe.to_json()) == job["recipe"]  # still exactly Recipe.to_dict()
 
     # Omitted fields keep the engine's defaults.
-    partial = await submit(client, tenant, quant={"mse_candidates": 7}, seed=1)
-    default = await submit(client, tenant, seed=2)
+    partial = await submit(client, tenant, recipe={"quant": {"mse_candidates": 7}, "seed": 1})
+    default = await submit(client, tenant, recipe={"seed": 2})
     q, d = partial["recipe"]["quant"], default["recipe"]["quant"]
     assert q["mse_candidates"] == 7
     assert {k: v for k, v in q.items() if k != "mse_candidates"} == {
@@ -127,12 +134,16 @@ async def test_quant_limits_come_from_settings(
     client: httpx.AsyncClient, tenant: Tenant, settings: Any
 ) -> None:
     settings.max_mse_candidates = 5
-    body = job_body(quant={"mse_candidates": 6})
+    body = job_body(recipe={"quant": {"mse_candidates": 6}})
     p = assert_problem(await client.post("/jobs", json=body, headers=tenant.headers), 422)
-    assert p["errors"][0]["field"] == "quant.mse_candidates" and "5" in p["detail"]
+    assert p["errors"][0]["field"] == "recipe.quant.mse_candidates" and "5" in p["detail"]
     # A lower max_images does not reject the engine's default range-init size (32).
     settings.max_images = 8
     await submit(client, tenant)
+
+
+def _r(**recipe: Any) -> dict[str, Any]:
+    return {"recipe": recipe}
 
 
 BAD: list[tuple[dict[str, Any], str]] = [
@@ -141,39 +152,52 @@ BAD: list[tuple[dict[str, Any], str]] = [
     ({"model": {"arch": "ViT-B-32", "pretrained": "builtin"}}, "model.pretrained"),
     ({"model": {"arch": "d4c-tiny-vit", "checkpoint_id": "f" * 32}}, "model.checkpoint_id"),
     ({"model": {"arch": "d4c-tiny-vit", "pretrained": "builtin", "checkpoint_id": "x"}}, "model"),
-    ({"bits": "w9a8"}, "bits"),
-    ({"bits": "w4"}, "bits"),
-    ({"bits": {"weights": 1, "activations": 8}}, "bits"),
-    ({"bits": {"weights": 4}}, "bits"),
-    ({"calibration": {"method": "real"}}, "calibration.method"),
-    ({"calibration": {"method": "magic"}}, "calibration.method"),
-    ({"calibration": {"method": "bns"}}, "calibration.method"),  # ViT tower has no BatchNorm
-    ({"calibration": {"num_images": 5000}}, "calibration.num_images"),
-    ({"calibration": {"num_images": 0}}, "calibration.num_images"),
-    ({"calibration": {"recon_iters": 10**6}}, "calibration.recon_iters"),
-    ({"calibration": {"method": "d4c", "synth_iters": 10**6}}, "calibration.synth_iters"),
-    ({"calibration": {"method": "d4c", "components": ["scg"]}}, "calibration.components"),
-    ({"calibration": {"method": "d4c", "components": ["zzz"]}}, "calibration.components.0"),
-    ({"calibration": {"synth_iters": 5}}, "calibration.synth_iters"),  # noise: no synthesis
-    ({"calibration": {"num_prompts": 10**6}}, "calibration.num_prompts"),
-    ({"prompts": {"classnames": ["a"], "templates": ["no placeholder"]}}, "prompts.templates"),
+    (_r(quant={"weight_bits": 9}), "recipe.quant.weight_bits"),
+    (_r(quant={"weight_bits": 1}), "recipe.quant.weight_bits"),
+    (_r(quant={"act_bits": "8"}), "recipe.quant.act_bits"),
+    (_r(calibration={"method": "real"}), "recipe.calibration.method"),
+    (_r(calibration={"method": "magic"}), "recipe.calibration.method"),
+    (_r(calibration={"method": "bns"}), "recipe.calibration.method"),  # ViT: no BatchNorm
+    (_r(calibration={"num_images": 5000}), "recipe.calibration.num_images"),
+    (_r(calibration={"num_images": 0}), "recipe.calibration.num_images"),
+    (_r(quant={"recon_iters": 10**6}), "recipe.quant.recon_iters"),
+    (
+        _r(calibration={"method": "d4c", "synth": {"iters": 10**6}}),
+        "recipe.calibration.synth.iters",
+    ),
+    (
+        _r(calibration={"method": "d4c", "synth": {"components": ["scg"]}}),
+        "recipe.calibration.synth.components",
+    ),
+    (
+        _r(calibration={"method": "d4c", "synth": {"components": ["zzz"]}}),
+        "recipe.calibration.synth.components.0",
+    ),
+    (_r(calibration={"synth": {"iters": 5}}), "recipe.calibration.synth"),  # noise: no synthesis
+    (_r(calibration={"num_prompts": 10**6}), "recipe.calibration.num_prompts"),
+    (
+        _r(calibration={"classnames": ["a"], "templates": ["no placeholder"]}),
+        "recipe.calibration.templates",
+    ),
     ({"eval_task": "imagenet"}, "eval_task"),
-    ({"seed": -1}, "seed"),
+    (_r(seed=-1), "recipe.seed"),
     ({"colour": "red"}, "colour"),
-    ({"quant": {"range_init_images": 0}}, "quant.range_init_images"),
-    ({"quant": {"range_init_images": 5000}}, "quant.range_init_images"),  # > max_images
-    ({"quant": {"range_init_prompts": 10**6}}, "quant.range_init_prompts"),  # > max_prompts
-    ({"quant": {"mse_max_samples": 0}}, "quant.mse_max_samples"),
-    ({"quant": {"mse_max_samples": 10**6}}, "quant.mse_max_samples"),
-    ({"quant": {"mse_candidates": 10**6}}, "quant.mse_candidates"),
-    ({"quant": {"recon_batch": 0}}, "quant.recon_batch"),
-    ({"quant": {"recon_batch": 5000}}, "quant.recon_batch"),
-    ({"quant": {"recon_batch": "8"}}, "quant.recon_batch"),  # strict: no coercion
-    ({"quant": {"recon_batch": True}}, "quant.recon_batch"),
-    ({"quant": {"text_mlp_bits": 9}}, "quant.text_mlp_bits"),
-    ({"quant": {"text_mlp_bits": 1}}, "quant.text_mlp_bits"),
-    ({"quant": {"weight_bits": 4}}, "quant.weight_bits"),  # set through bits, not here
-    ({"quant": []}, "quant"),
+    (_r(colour="red"), "recipe.colour"),
+    (_r(version=2), "recipe.version"),
+    (_r(quant={"range_init_images": 0}), "recipe.quant.range_init_images"),
+    (_r(quant={"range_init_images": 5000}), "recipe.quant.range_init_images"),  # > max_images
+    (_r(quant={"range_init_prompts": 10**6}), "recipe.quant.range_init_prompts"),
+    (_r(quant={"mse_max_samples": 10**6}), "recipe.quant.mse_max_samples"),
+    (_r(quant={"mse_candidates": 10**6}), "recipe.quant.mse_candidates"),
+    (_r(quant={"recon_batch": 0}), "recipe.quant.recon_batch"),
+    (_r(quant={"recon_batch": 5000}), "recipe.quant.recon_batch"),
+    (_r(quant={"recon_batch": "8"}), "recipe.quant.recon_batch"),  # strict: no coercion
+    (_r(quant={"recon_batch": True}), "recipe.quant.recon_batch"),
+    (_r(quant={"text_mlp_bits": 9}), "recipe.quant.text_mlp_bits"),
+    (_r(quant={"text_mlp_bits": 1}), "recipe.quant.text_mlp_bits"),
+    (_r(quant={"adaround_b_end": 30.0}), "recipe.quant"),  # cross-field: b_end <= b_start
+    ({"recipe": {"quant": []}}, "recipe.quant"),
+    ({"recipe": "w4a8"}, "recipe"),
 ]
 
 
@@ -181,12 +205,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
 async def test_validation_names_the_field(
     client: httpx.AsyncClient, tenant: Tenant, queue: Queue, db: Any, change: Any, field: str
 ) -> None:
-    body = job_body()
-    for k, v in change.items():
-        if k == "calibration":
-            body[k] = {**body[k], **v}
-        else:
-            body[k] = v
+    body = job_body(**change)
     r = await client.post("/jobs", json=body, headers=tenant.headers)
     p = assert_problem(r, 422)
     assert field in [e["field"] for e in p["errors"]], p
@@ -199,13 +218,13 @@ async def test_budget_limits_come_from_settings(
 ) -> None:
     settings.max_images = 4
     p = assert_problem(await client.post("/jobs", json=job_body(), headers=tenant.headers), 422)
-    assert p["errors"][0]["field"] == "calibration.num_images" and "4" in p["detail"]
+    assert p["errors"][0]["field"] == "recipe.calibration.num_images" and "4" in p["detail"]
 
 
 async def test_list_pagination_and_state_filter(
     client: httpx.AsyncClient, tenant: Tenant, make_tenant: Any, db: Any
 ) -> None:
-    ids = [(await submit(client, tenant, seed=i))["id"] for i in range(5)]
+    ids = [(await submit(client, tenant, recipe={"seed": i}))["id"] for i in range(5)]
     other = make_tenant()
     await submit(client, other)
     seen: list[str] = []
@@ -252,7 +271,9 @@ async def test_idempotency(client: httpx.AsyncClient, tenant: Tenant, queue: Que
     assert again.headers["location"] == first.headers["location"]
     assert queue.sent == [first.json()["id"]]  # enqueued once
 
-    p = assert_problem(await client.post("/jobs", json=job_body(seed=7), headers=h), 422)
+    p = assert_problem(
+        await client.post("/jobs", json=job_body(recipe={"seed": 7}), headers=h), 422
+    )
     assert p["errors"][0]["field"] == "Idempotency-Key"
 
     # Keys are per tenant: another tenant may use the same key for its own job.

@@ -23,15 +23,9 @@ from app.cli import create_key
 from app.core.config import Settings, get_settings
 from app.main import create_app
 from d4c_core.artifacts import verify
-from worker.settings import get_worker_settings
-from worker.testing import (
-    Process,
-    job_body,
-    job_row,
-    redis_database,
-    service_env,
-    wait_for,
-)
+from tests.support.jobs import job_body, job_row
+from tests.support.procs import Process, service_env, wait_for
+from tests.support.redisdb import redis_database
 
 JOB_TIMEOUT_S = 150
 FINISHED = ("succeeded", "failed", "cancelled")
@@ -58,7 +52,6 @@ def stack(module_pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
             if k.startswith("D4C_"):
                 mp.setenv(k, v)
         get_settings.cache_clear()
-        get_worker_settings.cache_clear()
         settings = get_settings()
         worker = Process(["worker"], env, data_dir.parent / "worker.log")
         app = create_app(settings)  # real enqueue, to this test's Redis database
@@ -72,7 +65,6 @@ def stack(module_pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
         finally:
             (stack.worker if stack is not None else worker).stop()  # a test may replace it
             get_settings.cache_clear()
-            get_worker_settings.cache_clear()
 
 
 def _submit(stack: Stack, recon_iters: int) -> str:

@@ -13,18 +13,77 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from app.cli import create_key
 from app.db.models import Job
 from app.db.session import sync_sessionmaker
-from worker.testing import FINISHED, ServiceStack, job_body, wait_for
+from tests.support.jobs import FINISHED, job_body
+from tests.support.procs import wait_for
+from tests.support.stack import ServiceStack
 
 BURST = Path(__file__).resolve().parents[2] / "bench" / "post_burst.py"
 REQUESTS = 200
 TENANTS = 4
 LIMIT = 5  # active jobs per tenant
+
+
+def _burst(stack: ServiceStack, keys: list[str], body: dict[str, Any], n: int, tmp: Path) -> Any:
+    """Run ``bench/post_burst.py`` (a separate process) against the stack's API."""
+    (tmp / "keys").write_text("\n".join(keys))
+    (tmp / "body.json").write_text(json.dumps(body))
+    done = subprocess.run(
+        [
+            *(sys.executable, str(BURST), "--url", str(stack.http.base_url)),
+            *("--keys-file", str(tmp / "keys"), "--body-file", str(tmp / "body.json")),
+            *("--requests", str(n)),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.stdout, done.stderr
+    result = json.loads(done.stdout)
+    assert result["unexpected"] == [], result["unexpected"][:5]
+    assert done.returncode == 0
+    return result
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_quota_holds_under_a_20_way_race(
+    database: str,
+    make_stack: Callable[..., ServiceStack],
+    request: pytest.FixtureRequest,
+    record: Callable[..., None],
+    tmp_path: Path,
+) -> None:
+    """20 parallel submits from one tenant with the limit at 4 accept exactly 4, on the
+    embedded default (SQLite, filesystem broker, in-process worker) and on PostgreSQL.
+
+    The jobs are long (they stay queued or running for the whole burst), so no accepted job
+    can finish and free a slot mid-race: anything over 4 is the race letting one through.
+    """
+    if database == "sqlite":
+        stack = make_stack(None, None, D4C_MAX_ACTIVE_JOBS_PER_TENANT="4")
+    else:  # no worker: the jobs stay queued
+        pg_url, broker = (request.getfixturevalue(f) for f in ("private_pg_url", "broker_url"))
+        stack = make_stack(pg_url, broker, D4C_MAX_ACTIVE_JOBS_PER_TENANT="4")
+    stack.start_api()
+    key = create_key("race", stack.settings)
+    result = _burst(stack, [key], job_body(recon_iters=20000), 20, tmp_path)
+    record(
+        f"20-way POST /jobs race ({database}, limit 4)",
+        "accepted",
+        result["statuses"].get("202", 0),
+        "jobs",
+    )
+    assert result["statuses"] == {"202": 4, "429": 16}, result["statuses"]
+    sessions = sync_sessionmaker(stack.settings)
+    with sessions() as db:
+        assert len(db.scalars(select(Job)).all()) == 4
 
 
 def test_200_concurrent_posts_lose_nothing_and_run_nothing_twice(
@@ -39,23 +98,8 @@ def test_200_concurrent_posts_lose_nothing_and_run_nothing_twice(
     stack.start_worker()
     stack.start_worker()
     keys = [create_key(f"burst-{i}", stack.settings) for i in range(TENANTS)]
-    (tmp_path / "keys").write_text("\n".join(keys))
-    (tmp_path / "body.json").write_text(json.dumps(job_body(recon_iters=2)))
-    done = subprocess.run(
-        [
-            *(sys.executable, str(BURST), "--url", str(stack.http.base_url)),
-            *("--keys-file", str(tmp_path / "keys"), "--body-file", str(tmp_path / "body.json")),
-            *("--requests", str(REQUESTS)),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    result = _burst(stack, keys, job_body(recon_iters=2), REQUESTS, tmp_path)
     t_burst = time.monotonic()
-    assert done.stdout, done.stderr
-    result = json.loads(done.stdout)
-    assert result["unexpected"] == [], result["unexpected"][:5]
-    assert done.returncode == 0
     statuses = result["statuses"]
     assert set(statuses) <= {"202", "429"} and sum(statuses.values()) == REQUESTS
     record("200 concurrent POST /jobs", "throughput", result["throughput_rps"], "req/s")

@@ -27,7 +27,10 @@ def test_keys_create_and_db_commands(
     assert main(["keys", "create", "--tenant", "acme"]) == 0
     key1 = capsys.readouterr().out.strip().splitlines()[-1]
     assert main(["keys", "create", "--tenant", "acme"]) == 0
-    key2 = capsys.readouterr().out.strip().splitlines()[-1]
+    out = capsys.readouterr().out
+    key2 = out.strip().splitlines()[-1]
+    # Says which database holds it: a `d4c serve` elsewhere would not know the key.
+    assert str(tmp_path / "d4c.db") in out and "d4c serve" in out
     assert key1 != key2 and len(key1) > 40
 
     engine = make_sync_engine(get_settings())

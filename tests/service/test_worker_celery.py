@@ -1,19 +1,20 @@
-"""worker/celery_app.py: the delivery guarantees the worker relies on are configured."""
+"""worker/celery_app.py on app/queue.py: the delivery guarantees the worker relies on are
+configured, and the API's side of the queue stays light."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from app.core.config import Settings
-from worker.celery_app import QUEUE, TASK_NAME, make_celery
-from worker.settings import WorkerSettings
+from app.queue import QUEUE, TASK_NAME
+from worker.celery_app import make_celery
 
 
 def test_redis_deployment_settings(tmp_path: Path) -> None:
     settings = Settings(
         data_dir=tmp_path, broker_url="redis://127.0.0.1:6379/9", job_time_limit_s=7200
     )
-    conf = make_celery(settings, WorkerSettings()).conf
+    conf = make_celery(settings).conf
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
     assert conf.worker_prefetch_multiplier == 1 and conf.worker_concurrency == 1
     assert conf.task_serializer == "json" and list(conf.accept_content) == ["json"]
@@ -26,7 +27,7 @@ def test_redis_deployment_settings(tmp_path: Path) -> None:
 
 def test_embedded_settings_need_no_server(tmp_path: Path) -> None:
     settings = Settings(data_dir=tmp_path)
-    conf = make_celery(settings, WorkerSettings()).conf
+    conf = make_celery(settings).conf
     assert conf.broker_url == "filesystem://"
     opts = conf.broker_transport_options
     assert Path(opts["data_folder_in"]) == Path(opts["data_folder_out"])
@@ -35,13 +36,15 @@ def test_embedded_settings_need_no_server(tmp_path: Path) -> None:
 
 
 def test_the_api_side_imports_no_engine() -> None:
-    """``worker.queue`` is what the API imports: no torch, no d4c_core pipeline."""
+    """``app.queue`` (the API's queue port) imports no torch, no d4c_core pipeline and no
+    worker code: a message names the task, it does not import it."""
     import subprocess
     import sys
 
+    heavy = ("torch", "open_clip", "d4c_core.pipeline", "worker")
     code = (
-        "import sys, worker.queue; "
-        "bad = [m for m in ('torch', 'open_clip', 'd4c_core.pipeline') if m in sys.modules]; "
+        "import sys, app.queue; "
+        f"bad = [m for m in {heavy!r} if m in sys.modules]; "
         "sys.exit(1 if bad else 0)"
     )
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

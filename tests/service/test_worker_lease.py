@@ -11,8 +11,8 @@ from app.core.config import Settings
 from app.db.models import Artifact, Job, utcnow
 from app.db.session import sync_sessionmaker
 from app.storage import StoredFile
+from tests.support.jobs import insert_job, job_row
 from worker.lease import Lease, LeaseLost
-from worker.testing import insert_job, job_row
 
 pytestmark = pytest.mark.parametrize("backend", ["postgresql", "sqlite"], indirect=True)
 

@@ -10,9 +10,8 @@ import pytest
 from app.core.config import Settings
 from app.db.models import Job, utcnow
 from app.db.session import sync_sessionmaker
+from tests.support.jobs import insert_job, job_row
 from worker.reaper import Reaper
-from worker.settings import WorkerSettings
-from worker.testing import insert_job, job_row
 
 pytestmark = pytest.mark.parametrize("backend", ["postgresql", "sqlite"], indirect=True)
 
@@ -41,11 +40,10 @@ class Broker:
         return True
 
 
-def _reaper(settings: Settings, broker: Broker, **worker: object) -> Reaper:
-    wsettings = WorkerSettings(requeue_queued_after_s=5, **worker)  # type: ignore[arg-type]
-    return Reaper(
-        sync_sessionmaker(settings), settings, wsettings, broker.enqueue, lambda: broker.depth
-    )
+def _reaper(settings: Settings, broker: Broker, **knobs: object) -> Reaper:
+    """A reaper on ``settings`` with some fields overridden (e.g. ``worker_max_attempts``)."""
+    settings = settings.model_copy(update={"worker_requeue_queued_after_s": 5} | knobs)
+    return Reaper(sync_sessionmaker(settings), settings, broker.enqueue, lambda: broker.depth)
 
 
 def _ago(seconds: float) -> datetime:
@@ -75,7 +73,7 @@ def test_a_job_whose_worker_keeps_dying_is_failed(settings: Settings) -> None:
         settings, RECIPE, state="running", worker="dead", attempts=3, heartbeat_at=_ago(120)
     )
     broker = Broker()
-    assert _reaper(settings, broker, max_attempts=3).sweep().failed == [job_id]
+    assert _reaper(settings, broker, worker_max_attempts=3).sweep().failed == [job_id]
     row = job_row(settings, job_id)
     assert row.state == "failed" and row.error is not None
     assert row.error["type"] == "/problems/worker-lost"

@@ -111,3 +111,22 @@ def test_delete(store: ArtifactStore) -> None:
     store.publish(JOB, store.staging_dir(JOB))
     store.delete(JOB)
     assert not (store.root / JOB).exists()
+
+
+def test_delete_is_idempotent_sweeps_leftovers_and_spares_open_files(store: ArtifactStore) -> None:
+    """An open download keeps reading after the delete; trash an interrupted delete left and
+    staging leftovers go too; a second delete is a no-op."""
+    files = _artifact(store.staging_dir(JOB))
+    store.publish(JOB, store.staging_dir(JOB))
+    leftover = store.root / ".staging" / f".trash-{JOB}-deadbeef"
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"old")
+    _artifact(store.staging_dir(JOB))  # a late attempt's staging dir
+    with store.open(JOB, "model.safetensors") as f:
+        store.delete(JOB)
+        assert f.read() == files["model.safetensors"]
+    assert not (store.root / JOB).exists()
+    assert list((store.root / ".staging").iterdir()) == []
+    with pytest.raises(FileNotFoundError):
+        store.open(JOB, "model.safetensors")
+    store.delete(JOB)

@@ -12,15 +12,14 @@ import d4c_core.pipeline
 from app.core.config import Settings
 from app.db.models import Job, utcnow
 from app.db.session import sync_sessionmaker
-from worker.settings import WorkerSettings
+from tests.support.jobs import insert_job, job_row, tiny_recipe
 from worker.tasks import JobRunner
-from worker.testing import insert_job, job_row, tiny_recipe
 
 pytestmark = pytest.mark.parametrize("backend", ["postgresql", "sqlite"], indirect=True)
 
 
-def _run(settings: Settings, job_id: str, worker: str = "w1", **ws: Any) -> str:
-    return JobRunner(settings, WorkerSettings(**ws), worker).run(job_id)
+def _run(settings: Settings, job_id: str, worker: str = "w1", **knobs: Any) -> str:
+    return JobRunner(settings.model_copy(update=knobs), worker).run(job_id)
 
 
 def test_a_duplicate_delivery_is_dropped(settings: Settings) -> None:
@@ -42,7 +41,7 @@ def test_cancel_requested_before_start(settings: Settings) -> None:
 
 def test_a_job_that_keeps_killing_its_worker_fails(settings: Settings) -> None:
     job_id = insert_job(settings, tiny_recipe(), attempts=3)
-    assert _run(settings, job_id, max_attempts=3) == "failed"
+    assert _run(settings, job_id, worker_max_attempts=3) == "failed"
     row = job_row(settings, job_id)
     assert row.state == "failed" and row.error["type"] == "/problems/worker-lost"  # type: ignore[index]
 

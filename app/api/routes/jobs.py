@@ -6,19 +6,29 @@ import asyncio
 import base64
 import logging
 from collections.abc import AsyncIterator
+from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Path, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import FileResponse
+from sqlalchemy.ext.asyncio import AsyncSession
 from sse_starlette import EventSourceResponse
 
-from app import crud
+from app import crud, deletion
 from app.api.deps import SessionDep, SettingsDep, TenantDep
-from app.api.problems import Problem, not_found, problem_responses, validation_problem
-from app.db.models import ARTIFACT_NAMES, FINISHED_STATES, Job
+from app.api.files import OpenFileResponse, byte_range
+from app.api.problems import (
+    FieldError,
+    Problem,
+    not_found,
+    problem_responses,
+    validation_problem,
+)
+from app.db.models import ARTIFACT_NAMES, FINISHED_STATES, ID_PATTERN, Job, JobState
 from app.jobspec import request_hash, validate_job
-from app.schemas import ID_PATTERN, ArtifactOut, JobCreate, JobOut, JobPage, JobState
+from app.schemas import ArtifactOut, JobCreate, JobOut, JobPage
+from d4c_core.vocabulary import ARTIFACT_MEDIA_TYPES
 
 # Malformed ids (NUL, slashes, ...) are a 422 before any query; well-formed unknown ones 404.
 JobIdPath = Annotated[str, Path(pattern=ID_PATTERN)]
@@ -27,19 +37,18 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 log = logging.getLogger("d4c.api.jobs")
 
 RETRY_AFTER_S = 30
-MEDIA_TYPES = {
-    "model.safetensors": "application/octet-stream",
-    "manifest.json": "application/json",
-    "report.json": "application/json",
-    "calibration.png": "image/png",
-}
 
 
 def _replay(job: Job, rhash: str, response: Response) -> Job:
-    """Answer a repeated Idempotency-Key: the original job, or 422 if the body differs."""
+    """Answer a repeated Idempotency-Key: the original job, or 422 if the body differs (the
+    IETF Idempotency-Key draft's answer for a reused key; 409 is for a concurrent one)."""
     if job.request_hash != rhash:
-        raise validation_problem(
-            "Idempotency-Key", "this key was already used with a different request body"
+        raise Problem(
+            422,
+            "Idempotency-Key reused",
+            "this Idempotency-Key was already used with a different request body",
+            type_="idempotency-key-reused",
+            errors=[FieldError(field="Idempotency-Key", message="used with another body")],
         )
     response.status_code = 200
     response.headers["Location"] = f"/jobs/{job.id}"
@@ -54,6 +63,10 @@ def _replay(job: Job, rhash: str, response: Response) -> Job:
     responses={
         200: {"description": "Idempotent replay: the job first created with this key"},
         **problem_responses(401, 409, 413, 422, 429, 503),
+        409: problem_responses(409)[409]
+        | {"description": "A request with the same Idempotency-Key is in flight; retry"},
+        422: problem_responses(422)[422]
+        | {"description": "Invalid job, or an Idempotency-Key reused with another body"},
     },
 )
 async def create_job(
@@ -81,6 +94,11 @@ async def create_job(
     spec = await run_in_threadpool(validate_job, body, settings, checkpoint_arch)
 
     await crud.lock_tenant(session, tenant_id)
+    # Again under the lock DELETE /models/{id} also takes: a checkpoint deleted since the check
+    # above must not be queued for a worker that would not find it.
+    ck_id = body.model.checkpoint_id
+    if ck_id is not None and await crud.get_checkpoint(session, tenant_id, ck_id) is None:
+        raise validation_problem("model.checkpoint_id", "no such checkpoint")
     active = await crud.count_active_jobs(session, tenant_id)
     if active >= settings.max_active_jobs_per_tenant:
         raise Problem(
@@ -137,6 +155,25 @@ async def _owned_job(session: SessionDep, tenant_id: str, job_id: str) -> Job:
     if job is None:
         raise not_found("job")
     return job
+
+
+def artifacts_gone(deleted_at: datetime) -> Problem:
+    """410 for the artifact routes of a deleted job: unlike 404, it tells a client that the
+    files existed and will not come back (the job record itself remains)."""
+    return Problem(
+        410,
+        "Gone",
+        f"the job's artifacts were deleted at {deleted_at.isoformat()} (DELETE /jobs/{{id}} "
+        "or the retention period); the job record remains",
+        type_="artifacts-deleted",
+    )
+
+
+async def _vanished(session: AsyncSession, job_id: str, what: str) -> Problem:
+    """An artifact row or file missing after the job read as not deleted: 410 when a
+    concurrent delete took it, else 404."""
+    when = await deletion.deleted_at(session, job_id)
+    return artifacts_gone(when) if when is not None else not_found(what)
 
 
 @router.get(
@@ -217,11 +254,25 @@ async def job_events(
     "/{job_id}/artifacts",
     response_model=list[ArtifactOut],
     summary="Name, size and sha256 of each file a finished job produced",
-    responses=problem_responses(401, 404, 422, 503),
+    responses=problem_responses(401, 404, 409, 410, 422, 503),
 )
 async def list_artifacts(job_id: JobIdPath, session: SessionDep, tenant_id: TenantDep) -> Any:
     job = await _owned_job(session, tenant_id, job_id)
+    _check_artifacts_exist(job)
     return await crud.list_artifacts(session, job.id)
+
+
+def _check_artifacts_exist(job: Job) -> None:
+    """The listing and a download answer alike: 410 once deleted, 409 until finished."""
+    if job.deleted_at is not None:
+        raise artifacts_gone(job.deleted_at)
+    if job.state not in FINISHED_STATES:
+        raise Problem(
+            409,
+            "Conflict",
+            f"job is {job.state}; artifacts exist once it has finished",
+            type_="job-not-finished",
+        )
 
 
 @router.get(
@@ -229,9 +280,13 @@ async def list_artifacts(job_id: JobIdPath, session: SessionDep, tenant_id: Tena
     summary="Download one artifact (sha256 in ETag and Repr-Digest)",
     response_class=FileResponse,
     responses={
-        200: {"description": "The file", "content": {t: {} for t in set(MEDIA_TYPES.values())}},
+        200: {
+            "description": "The file",
+            "content": {t: {} for t in set(ARTIFACT_MEDIA_TYPES.values())},
+        },
+        206: {"description": "One byte range (`Range`, honoured when `If-Range` matches)"},
         304: {"description": "Not modified (If-None-Match matched the ETag)"},
-        **problem_responses(401, 404, 409, 422, 503),
+        **problem_responses(401, 404, 409, 410, 416, 422, 503),
     },
 )
 async def download_artifact(
@@ -241,21 +296,22 @@ async def download_artifact(
     tenant_id: TenantDep,
     settings: SettingsDep,
     if_none_match: Annotated[str | None, Header()] = None,
+    range_: Annotated[str | None, Header(alias="Range")] = None,
+    if_range: Annotated[str | None, Header()] = None,
 ) -> Response:
     job = await _owned_job(session, tenant_id, job_id)
     if name not in ARTIFACT_NAMES:
         raise not_found("artifact")
-    if job.state not in FINISHED_STATES:
-        raise Problem(409, "Conflict", f"job is {job.state}; artifacts exist once it has finished")
+    _check_artifacts_exist(job)
     art = await crud.get_artifact(session, job.id, name)
     if art is None:
-        raise not_found("artifact")
+        raise await _vanished(session, job.id, "artifact")
     await session.close()
 
     from app.storage import ArtifactStore
 
     # The path comes from the storage layout and the DB row's name, never the URL.
-    path = ArtifactStore(settings).path(job.id, art.name)
+    store = ArtifactStore(settings)
     etag = f'"{art.sha256}"'
     headers = {
         "ETag": etag,
@@ -264,6 +320,49 @@ async def download_artifact(
     }
     if if_none_match is not None and etag in {t.strip() for t in if_none_match.split(",")}:
         return Response(status_code=304, headers=headers)
-    if not await asyncio.to_thread(path.is_file):
-        raise not_found("artifact file")
-    return FileResponse(path, media_type=MEDIA_TYPES[art.name], filename=art.name, headers=headers)
+    span = byte_range(range_, if_range, etag, art.size_bytes)
+    try:  # opened here, not after returning: see app/api/files.py
+        file = await asyncio.to_thread(store.open, job.id, art.name)
+    except FileNotFoundError:
+        raise await _vanished(session, job.id, "artifact file") from None
+    return OpenFileResponse(
+        file,
+        media_type=ARTIFACT_MEDIA_TYPES[art.name],
+        filename=art.name,
+        headers=headers,
+        span=span,
+    )
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=204,
+    summary="Delete a finished job's artifacts and work dir (the job record stays)",
+    responses={
+        204: {"description": "Deleted, now or by an earlier request (idempotent)"},
+        **problem_responses(401, 404, 409, 422, 503),
+    },
+)
+async def delete_job(
+    job_id: JobIdPath, session: SessionDep, tenant_id: TenantDep, settings: SettingsDep
+) -> Response:
+    """Tombstone the job, then remove its files (``app.deletion`` says why in that order).
+
+    Afterwards ``GET /jobs/{id}`` shows ``deleted_at`` and the artifact routes answer 410.
+    A queued or running job is 409: cancel it first, then delete it once it has finished.
+    Repeating the request is 204 again, and finishes a purge an earlier one left undone.
+    """
+    row = await deletion.tombstone(session, tenant_id, job_id)
+    if row is None:
+        raise not_found("job")
+    if row.deleted_at is None:  # still queued or running: nothing was changed
+        raise Problem(
+            409,
+            "Conflict",
+            f"job is {row.state}; cancel it (POST /jobs/{job_id}/cancel) and delete it once "
+            "it has finished",
+            type_="job-active",
+        )
+    if row.purged_at is None:  # paths from the row's id, never the URL's
+        await deletion.purge(session, settings, row.id)
+    return Response(status_code=204)

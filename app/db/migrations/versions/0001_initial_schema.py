@@ -26,7 +26,8 @@ def _ts(name: str, nullable: bool = False) -> sa.Column:
     return sa.Column(name, sa.DateTime(timezone=True), nullable=nullable)
 
 
-def upgrade() -> None:
+def _create_tenants() -> None:
+    """``tenants``: the owner every other table's rows hang off (by ``tenant_id``)."""
     op.create_table(
         "tenants",
         sa.Column("id", sa.String(32), nullable=False),
@@ -35,6 +36,10 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_tenants")),
         sa.UniqueConstraint("name", name=op.f("uq_tenants_name")),
     )
+
+
+def _create_api_keys() -> None:
+    """``api_keys`` (hashes only) with its prefix and tenant indexes; needs ``tenants``."""
     op.create_table(
         "api_keys",
         sa.Column("id", sa.String(32), nullable=False),
@@ -54,6 +59,10 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_api_keys_prefix"), "api_keys", ["prefix"])
     op.create_index(op.f("ix_api_keys_tenant_id"), "api_keys", ["tenant_id"])
+
+
+def _create_checkpoints() -> None:
+    """``checkpoints`` (uploaded files' metadata) and its tenant index; needs ``tenants``."""
     op.create_table(
         "checkpoints",
         sa.Column("id", sa.String(32), nullable=False),
@@ -71,6 +80,10 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name=op.f("pk_checkpoints")),
     )
     op.create_index(op.f("ix_checkpoints_tenant_id"), "checkpoints", ["tenant_id"])
+
+
+def _create_jobs() -> None:
+    """``jobs`` and its state and (tenant, created_at, id) indexes; needs ``tenants``."""
     op.create_table(
         "jobs",
         sa.Column("id", sa.String(32), nullable=False),
@@ -105,6 +118,10 @@ def upgrade() -> None:
     )
     op.create_index(op.f("ix_jobs_state"), "jobs", ["state"])
     op.create_index("ix_jobs_tenant_created", "jobs", ["tenant_id", "created_at", "id"])
+
+
+def _create_artifacts() -> None:
+    """``artifacts`` (a job's output files) and its job index; needs ``jobs``."""
     op.create_table(
         "artifacts",
         sa.Column("id", sa.String(32), nullable=False),
@@ -120,6 +137,15 @@ def upgrade() -> None:
         sa.UniqueConstraint("job_id", "name", name=op.f("uq_artifacts_job_id_name")),
     )
     op.create_index(op.f("ix_artifacts_job_id"), "artifacts", ["job_id"])
+
+
+def upgrade() -> None:
+    # Parents before children: each foreign key needs its target table to exist.
+    _create_tenants()
+    _create_api_keys()
+    _create_checkpoints()
+    _create_jobs()
+    _create_artifacts()
 
 
 def downgrade() -> None:

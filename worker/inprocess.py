@@ -1,6 +1,6 @@
-"""An in-process worker for ``d4c serve`` on the embedded default (no Redis, no second
-process): a Celery worker with the solo pool on the filesystem transport, in a thread, plus
-the reaper.
+"""The in-process worker ``d4c serve`` runs on the embedded default (``Settings.embedded``: no
+broker configured, so no Redis and no second process): a Celery worker with the solo pool on
+the filesystem transport, in a thread of the API process, plus the reaper.
 
 The filesystem transport deletes a message when it is fetched, so it never redelivers; the
 reaper covers that: a job left *running* by a killed ``d4c serve`` is requeued once its
@@ -17,22 +17,22 @@ import threading
 from typing import Any
 
 from app.core.config import Settings
-from worker.celery_app import QUEUE, celery_app
+from app.queue import QUEUE
+from worker.celery_app import celery_app
 from worker.reaper import ReaperThread, start_reaper
-from worker.settings import WorkerSettings, get_worker_settings
 
-log = logging.getLogger("d4c.worker.embedded")
+log = logging.getLogger("d4c.worker.inprocess")
 
 
-class EmbeddedWorker:
+class InProcessWorker:
     """Handle of a running in-process worker; ``stop()`` ends it."""
 
-    def __init__(self, settings: Settings, wsettings: WorkerSettings) -> None:
+    def __init__(self, settings: Settings) -> None:
         from worker import tasks
 
         self._tasks = tasks
         self.ready = threading.Event()
-        self.hostname = f"d4c-embedded-{os.getpid()}@{socket.gethostname()}"
+        self.hostname = f"d4c-inprocess-{os.getpid()}@{socket.gethostname()}"
         self.controller: Any = celery_app().WorkController(
             hostname=self.hostname,
             pool_cls="solo",
@@ -44,8 +44,8 @@ class EmbeddedWorker:
             loglevel=settings.log_level,
             ready_callback=self._on_ready,
         )
-        self.thread = threading.Thread(target=self._run, name="d4c-embedded-worker", daemon=True)
-        self.reaper: ReaperThread = start_reaper(settings, wsettings)
+        self.thread = threading.Thread(target=self._run, name="d4c-inprocess-worker", daemon=True)
+        self.reaper: ReaperThread = start_reaper(settings)
 
     def _on_ready(self, consumer: Any) -> None:
         self.controller.on_consumer_ready(consumer)
@@ -55,7 +55,7 @@ class EmbeddedWorker:
         self._tasks.warm_up()
         self.controller.start()
 
-    def start(self) -> EmbeddedWorker:
+    def start(self) -> InProcessWorker:
         self._tasks.STOPPING.clear()
         self._tasks.WORKER_ID = self.hostname
         self.thread.start()
@@ -68,16 +68,14 @@ class EmbeddedWorker:
         self.controller.stop(in_sighandler=False)
         self.thread.join(timeout=timeout)
         if self.thread.is_alive():
-            log.warning("embedded worker did not stop in time")
+            log.warning("in-process worker did not stop in time")
         self.reaper.stop()
         self._tasks.STOPPING.clear()
         self._tasks.WORKER_ID = None
 
 
-def start_worker_thread(
-    settings: Settings, wsettings: WorkerSettings | None = None
-) -> EmbeddedWorker:
+def start_worker_thread(settings: Settings) -> InProcessWorker:
     """Start the in-process worker and its reaper; ``.stop()`` the returned handle."""
     if not settings.embedded:
-        raise ValueError("the in-process worker runs only on the embedded default")
-    return EmbeddedWorker(settings, wsettings or get_worker_settings()).start()
+        raise ValueError("the in-process worker runs only on the embedded default (no broker)")
+    return InProcessWorker(settings).start()
