@@ -30,7 +30,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import _paths  # noqa: F401  (tests.support on the path)
 import httpx
+
+from tests.support.flood import send_header_flood
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -73,13 +76,7 @@ def start_server(port: int, root: Path) -> subprocess.Popen[bytes]:
 def flood_once(port: int, size: int) -> dict[str, Any]:
     """One request with a ``size``-byte header: bytes sent before a cut, the status back."""
     with socket.create_connection(("127.0.0.1", port), timeout=120) as sock:
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Flood: ")
-        chunk, sent = b"a" * 65536, 0
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            while sent < size:
-                sock.sendall(chunk)
-                sent += len(chunk)
-            sock.sendall(b"\r\n\r\n")
+        sent = send_header_flood(sock, size)
         try:
             first = sock.recv(64)
         except OSError:

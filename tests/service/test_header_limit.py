@@ -9,7 +9,6 @@ talk to it over raw sockets, so the server under test is the one the service shi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import socket
 import statistics
@@ -22,6 +21,7 @@ from typing import BinaryIO
 import httpx
 import pytest
 
+from tests.support.flood import send_header_flood
 from tests.support.procs import Process, service_env, wait_for
 from worker.client import free_port
 
@@ -103,13 +103,7 @@ class Flood:
 def flood_once(port: int) -> Flood:
     """Send a ``FLOOD_BYTES`` header as fast as the server takes it; read what comes back."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
-        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Flood: ")
-        chunk, sent = b"a" * 65536, 0
-        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
-            while sent < FLOOD_BYTES:
-                sock.sendall(chunk)
-                sent += len(chunk)
-            sock.sendall(b"\r\n\r\n")
+        sent = send_header_flood(sock, FLOOD_BYTES)
         # Linux keeps what arrived before the server's reset readable.
         status, headers, body = read_response(sock.makefile("rb"))
     return Flood(sent, status, headers.get("content-type", ""), body)
