@@ -442,6 +442,8 @@ async def test_hostile_input_is_refused_and_changes_nothing(
     problem = r.json()
     assert problem["status"] == r.status_code and problem["title"]
     assert "Traceback" not in r.text and "location" not in r.headers
+    # Never a server path (the upload's temp file, the data dir) in an answer.
+    assert ".part" not in r.text and str(settings.data_dir) not in r.text
     assert _row_counts(db) == rows_before
     assert _files(settings.data_dir) == files_before
 
