@@ -221,6 +221,35 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    """ONNX graphs of a verified artifact, in ``OUT/onnx/`` unless ``--dest`` says otherwise.
+
+    The artifact's listed files are untouched (``verify`` checks only those), so ``OUT``
+    stays a valid artifact. The graphs are written to a temp dir and renamed into place;
+    ``--overwrite`` replaces an existing destination only once the new export is complete.
+    """
+    from d4c_core.artifacts import MANIFEST_FILE, verify
+    from d4c_core.onnx_export import export_onnx
+
+    out = Path(args.out)
+    if not out.is_dir():
+        raise D4CError(f"{out}: no such directory")
+    if not (out / MANIFEST_FILE).is_file():
+        raise D4CError(f"{out}: not a d4c artifact (no {MANIFEST_FILE})")
+    dest = Path(args.dest) if args.dest else out / "onnx"
+    if dest.exists() and not args.overwrite:
+        raise D4CError(f"{dest}: already exists (--overwrite replaces it)")
+    verify(out)
+    fresh = dest.with_name(f".{dest.name}.new")
+    shutil.rmtree(fresh, ignore_errors=True)
+    files = export_onnx(out, fresh)
+    if dest.exists():
+        shutil.rmtree(dest)
+    fresh.rename(dest)
+    print(json.dumps({k: str(dest / p.name) for k, p in files.items()}))
+    return 0
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from d4c_core.models import BUILTIN_ARCHS, list_archs
 
@@ -277,6 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     i = sub.add_parser("inspect", help="verify an artifact's checksums and print its summary")
     i.add_argument("out")
     i.set_defaults(func=cmd_inspect)
+
+    x = sub.add_parser("export", help="export an artifact as ONNX (image and text encoders)")
+    x.add_argument("out", help="artifact directory from `d4c quantize`")
+    x.add_argument("--format", choices=["onnx"], default="onnx", help="export format")
+    x.add_argument("--dest", help="output directory (default: OUT/onnx)")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing destination")
+    x.set_defaults(func=cmd_export)
 
     # Installed plugins (the service's serve/worker/db/keys) add their own subcommands here;
     # the core never imports them.
