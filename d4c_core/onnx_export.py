@@ -13,11 +13,22 @@ Activation quantizers are exported through ``torch.fake_quantize_*`` (QuantizeLi
 DequantizeLinear, UINT8). The grid is unsigned ``[0, 2^b-1]``; for b < 8 the upper end is
 enforced by a float ``Min`` before QuantizeLinear (the lower end 0 is UINT8's own), which
 gives exactly the same codes as the torch clamp: no approximation.
+
+A coded token table (``QuantEmbedding``) is looked up before it is dequantized: ``Gather``
+on the UINT8 codes and on the per-row scale and zero point, then ``(q - zp) * s`` on the
+rows looked up, so a text query never dequantizes the whole table. Gather has no UINT4
+type, so a <= 4-bit table is stored UINT4 and dequantized whole (``DequantizeLinear``,
+axis 0) before the lookup: the smallest file, at a per-query cost.
+
+Each graph carries what a runtime needs besides the tensors, as ONNX metadata
+(``metadata_props``): the image graph its input size and normalization, the text graph the
+open_clip tokenizer and context length it expects.
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -29,13 +40,14 @@ from typing import Any
 
 import numpy as np
 import onnx
+import open_clip
 import torch
 from onnx import TensorProto, helper, numpy_helper
 from torch import Tensor, nn
 
 from d4c_core.errors import ArtifactError, SpecError
 from d4c_core.quant.quantizers import ActQuantizer
-from d4c_core.quant.wrap import QuantLayer
+from d4c_core.quant.wrap import QuantEmbedding, QuantLayer
 
 IMAGE_FILE = "image_encoder.onnx"
 TEXT_FILE = "text_encoder.onnx"
@@ -72,6 +84,11 @@ def _act_forward(self: ActQuantizer, x: Tensor) -> Tensor:
     return torch.fake_quantize_per_tensor_affine(x, s.reshape(()), z.reshape(()), 0, 255)
 
 
+def _table_forward(self: QuantEmbedding, ids: Tensor) -> Tensor:
+    """The lookup on the raw table (a Gather on its initializer, rewritten afterwards)."""
+    return torch.nn.functional.embedding(ids, self.weight)
+
+
 def _layer_forward(self: QuantLayer, x: Tensor) -> Tensor:
     """QuantLayer's forward on the raw ``weight`` parameter (replaced by codes afterwards)."""
     x = self.act_quant(x)
@@ -80,7 +97,7 @@ def _layer_forward(self: QuantLayer, x: Tensor) -> Tensor:
     return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
-def weight_codes(layer: QuantLayer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def weight_codes(layer: QuantLayer | QuantEmbedding) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """``(codes, scale, zero_point)`` of a layer's weight, per output channel.
 
     A loaded artifact holds ``W = (q - zp) * s`` with weight fake quantization off; an
@@ -105,17 +122,22 @@ def weight_codes(layer: QuantLayer) -> tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
 @contextlib.contextmanager
-def _export_mode(model: nn.Module) -> Iterator[dict[str, QuantLayer]]:
-    """Swap quantizer forwards for export-friendly ones; yield the QuantLayers by weight name."""
+def _export_mode(model: nn.Module) -> Iterator[dict[str, QuantLayer | QuantEmbedding]]:
+    """Swap quantizer forwards for export-friendly ones; yield the coded modules by weight name."""
     patched: list[nn.Module] = []
-    layers: dict[str, QuantLayer] = {}
+    layers: dict[str, QuantLayer | QuantEmbedding] = {}
+    forwards = {
+        ActQuantizer: _act_forward,
+        QuantLayer: _layer_forward,
+        QuantEmbedding: _table_forward,
+    }
     for name, mod in model.named_modules():
-        if isinstance(mod, ActQuantizer):
-            mod.forward = types.MethodType(_act_forward, mod)  # type: ignore[method-assign]
-            patched.append(mod)
-        elif isinstance(mod, QuantLayer):
-            mod.forward = types.MethodType(_layer_forward, mod)  # type: ignore[method-assign]
-            patched.append(mod)
+        forward = forwards.get(type(mod))
+        if forward is None:
+            continue
+        mod.forward = types.MethodType(forward, mod)  # type: ignore[method-assign]
+        patched.append(mod)
+        if not isinstance(mod, ActQuantizer):
             layers[f"model.{name}.weight"] = mod
     try:
         yield layers
@@ -163,8 +185,47 @@ def _int_tensor(name: str, values: np.ndarray, bits: int) -> TensorProto:
     return numpy_helper.from_array(values, name)
 
 
-def _replace_weights(proto: onnx.ModelProto, layers: dict[str, QuantLayer]) -> int:
-    """Turn each quantized layer's float initializer into codes -> DequantizeLinear.
+def _gather_table(proto: onnx.ModelProto, name: str, table: QuantEmbedding) -> bool:
+    """Rewrite ``Gather(table, ids)`` as a lookup of codes, scale and zero point, then
+    ``(float(q) - zp) * s`` on the looked-up rows. False when the table is not gathered
+    that way (then it is dequantized whole, like a layer's weight)."""
+    graph = proto.graph
+    users = [n for n in graph.node if name in n.input]
+    if table.weight_quant.bits <= 4 or len(users) != 1 or users[0].op_type != "Gather":
+        return False
+    gather = users[0]
+    if gather.input[0] != name or any(a.name == "axis" and a.i != 0 for a in gather.attribute):
+        return False
+    codes, scale, zp = weight_codes(table)
+    base = name.removesuffix(".weight")
+    graph.initializer.remove(next(t for t in graph.initializer if t.name == name))
+    graph.initializer.extend(
+        [
+            numpy_helper.from_array(codes, f"{base}.qweight"),
+            numpy_helper.from_array(scale.reshape(-1, 1), f"{base}.wscale"),
+            numpy_helper.from_array(zp.reshape(-1, 1), f"{base}.wzero"),
+        ]
+    )
+    ids, out = gather.input[1], gather.output[0]
+    new = [
+        helper.make_node("Gather", [f"{base}.{k}", ids], [f"{base}/{k}_rows"])
+        for k in ("qweight", "wscale", "wzero")
+    ] + [
+        helper.make_node("Cast", [f"{base}/qweight_rows"], [f"{base}/qf"], to=TensorProto.FLOAT),
+        helper.make_node("Cast", [f"{base}/wzero_rows"], [f"{base}/zf"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", [f"{base}/qf", f"{base}/zf"], [f"{base}/centered"]),
+        helper.make_node("Mul", [f"{base}/centered", f"{base}/wscale_rows"], [out]),
+    ]
+    at = list(graph.node).index(gather)
+    graph.node.remove(gather)
+    for i, node in enumerate(new):
+        graph.node.insert(at + i, node)
+    return True
+
+
+def _replace_weights(proto: onnx.ModelProto, layers: dict[str, QuantLayer | QuantEmbedding]) -> int:
+    """Turn each coded module's float initializer into codes -> DequantizeLinear (a table:
+    codes -> Gather -> arithmetic, see ``_gather_table``).
 
     The DequantizeLinear output takes the initializer's name, so its consumers are unchanged.
     Returns how many weights were replaced.
@@ -172,9 +233,13 @@ def _replace_weights(proto: onnx.ModelProto, layers: dict[str, QuantLayer]) -> i
     graph = proto.graph
     inits = {t.name: t for t in graph.initializer}
     nodes = []
+    count = 0
     for name, layer in layers.items():
         if name not in inits:
             continue  # the other tower's layer: not in this graph
+        count += 1
+        if isinstance(layer, QuantEmbedding) and _gather_table(proto, name, layer):
+            continue
         codes, scale, zp = weight_codes(layer)
         bits = layer.weight_quant.bits
         graph.initializer.remove(inits[name])
@@ -197,7 +262,7 @@ def _replace_weights(proto: onnx.ModelProto, layers: dict[str, QuantLayer]) -> i
         )
     for i, node in enumerate(nodes):  # before every consumer: a valid topological order
         graph.node.insert(i, node)
-    return len(nodes)
+    return count
 
 
 def _unfuse_per_channel_dq(proto: onnx.ModelProto) -> int:
@@ -233,8 +298,34 @@ def _unfuse_per_channel_dq(proto: onnx.ModelProto) -> int:
     return count
 
 
-def _export_tower(model: nn.Module, tower: str, path: Path) -> None:
-    """Trace one tower, put integer weights in, stamp the opset, check and save."""
+def graph_metadata(model: nn.Module, tower: str, arch: str | None) -> dict[str, str]:
+    """What a runtime needs besides the graph: the image tower's input size and
+    normalization (open_clip's eval preprocessing), the text tower's tokenizer."""
+    if tower == "image":
+        cfg = open_clip.get_model_preprocess_cfg(model)
+        size = cfg.get("size", model.visual.image_size)
+        size = size if isinstance(size, int) else size[0]
+        return {
+            "image_size": str(size),
+            "mean": json.dumps([float(v) for v in cfg["mean"]]),
+            "std": json.dumps([float(v) for v in cfg["std"]]),
+            "interpolation": str(cfg.get("interpolation", "bicubic")),
+            "resize_mode": str(cfg.get("resize_mode", "shortest")),
+            "input": "float32 (N, 3, H, W), RGB in [0, 1], then (x - mean) / std",
+        }
+    meta = {
+        "context_length": str(int(model.context_length)),
+        "input": "int64 (N, context_length) token ids, end-of-text token = the largest id",
+    }
+    if arch is not None:
+        tok = open_clip.get_tokenizer(arch)
+        meta["tokenizer"] = f"open_clip.get_tokenizer({arch!r})"
+        meta["tokenizer_class"] = type(tok).__name__
+    return meta
+
+
+def _export_tower(model: nn.Module, tower: str, path: Path, metadata: dict[str, str]) -> None:
+    """Trace one tower, put integer weights in, stamp the opset and metadata, check, save."""
     with _export_mode(model) as layers:
         _trace(model, tower, path)
     proto = onnx.load(str(path))
@@ -243,6 +334,7 @@ def _export_tower(model: nn.Module, tower: str, path: Path) -> None:
     for op in proto.opset_import:
         if op.domain in ("", "ai.onnx"):
             op.version = FILE_OPSET
+    helper.set_model_props(proto, metadata)
     onnx.checker.check_model(proto, full_check=True)
     onnx.save(proto, str(path))
 
@@ -262,18 +354,28 @@ def ort_session(path: str | Path) -> Any:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def _as_model(source: Any) -> nn.Module:
-    """An ``nn.Module`` CLIP from a module, a LoadedModel/LoadedQuantized, or an artifact dir."""
+def _source_arch(source: Any) -> str | None:
+    """The open_clip arch a LoadedModel/QuantizedModel/LoadedQuantized was built as."""
+    spec = getattr(source, "spec", None)
+    if spec is not None:
+        return str(spec.arch)
+    manifest = getattr(source, "manifest", None)
+    return manifest["model"]["arch"] if isinstance(manifest, dict) else None
+
+
+def _as_model(source: Any) -> tuple[nn.Module, str | None]:
+    """``(CLIP module, arch)`` from a module, a LoadedModel/LoadedQuantized/QuantizedModel,
+    or an artifact dir; the arch is None for a bare module."""
     if isinstance(source, str | os.PathLike):
         from d4c_core.artifacts import load_quantized
 
-        return load_quantized(Path(source)).model
+        source = load_quantized(Path(source))
     model = getattr(source, "model", source)
     if not isinstance(model, nn.Module):
         raise SpecError(f"cannot export {type(source).__name__}: not a CLIP model")
     if not (hasattr(model, "encode_image") and hasattr(model, "encode_text")):
         raise SpecError(f"unsupported architecture {type(model).__name__} (needs a CLIP)")
-    return model
+    return model, _source_arch(source)
 
 
 def export_onnx(source: Any, out_dir: str | Path) -> dict[str, Path]:
@@ -287,14 +389,14 @@ def export_onnx(source: Any, out_dir: str | Path) -> dict[str, Path]:
     out = Path(out_dir)
     if out.exists():
         raise SpecError(f"{out}: already exists")
-    model = _as_model(source)
+    model, arch = _as_model(source)
     training = model.training
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         with torch.no_grad():
             for tower, fname in (("image", IMAGE_FILE), ("text", TEXT_FILE)):
-                _export_tower(model, tower, tmp / fname)
+                _export_tower(model, tower, tmp / fname, graph_metadata(model, tower, arch))
         tmp.rename(out)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -10,7 +10,8 @@ engine code that uses it.
 
 The JSON round trip is exact and strict: unknown fields and loosely typed values (``true``
 or ``"10"`` for a number) are errors naming the field by its path. ``VERSION`` is bumped
-whenever a field's meaning changes; JSON of another version is rejected, not guessed at.
+whenever a field's meaning changes; JSON of an older version is upgraded by the explicit step
+that keeps its meaning (``_UPGRADES``), JSON of an unknown version is rejected.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ PROMPT_PATTERN = r"^[^\x00-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]*$"
 
 Bits = Annotated[StrictInt, Field(ge=BIT_RANGE.start, le=BIT_RANGE.stop - 1)]
 Number = StrictFloat
+Export = Literal["onnx"]
+EXPORT_FORMATS: tuple[str, ...] = get_args(Export)
 PromptText = Annotated[str, Field(max_length=1000, pattern=PROMPT_PATTERN)]
 
 
@@ -90,19 +93,28 @@ class QuantRecipe(RecipePart):
     text_mlp_bits: Bits = Field(
         8, description="bits of the text-encoder MLPs, weights and activations (reference: 8)"
     )
+    token_embedding_bits: StrictInt = Field(
+        8,
+        description="bits of the token-embedding table, per row (with the text tower); "
+        "0 keeps it in full precision. A lookup has no activation to quantize, and the "
+        "table is most of a small CLIP's bytes",
+    )
     quantize_image: StrictBool = Field(True, description="quantize the image tower")
     quantize_text: StrictBool = Field(True, description="quantize the text tower")
     range_init_images: Annotated[
-        StrictInt, Field(ge=1, description="calibration images the range-init search runs on"),
+        StrictInt,
+        Field(ge=1, description="calibration images the range-init search runs on"),
         Budget("images", if_set=True),
     ] = 32
     range_init_prompts: Annotated[
-        StrictInt, Field(ge=1, description="calibration prompts the range-init search runs on"),
+        StrictInt,
+        Field(ge=1, description="calibration prompts the range-init search runs on"),
         Budget("prompts", if_set=True),
     ] = 32
     mse_p: Number = Field(2.4, gt=0, description="p of the Lp-norm range search")
     mse_candidates: Annotated[
-        StrictInt, Field(ge=1, description="candidate ranges tried per tensor"),
+        StrictInt,
+        Field(ge=1, description="candidate ranges tried per tensor"),
         Budget("mse_candidates", if_set=True),
     ] = 100
     mse_zero_points: StrictInt = Field(
@@ -122,7 +134,8 @@ class QuantRecipe(RecipePart):
         Budget("recon_iters"),
     ] = 20000
     recon_batch: Annotated[
-        StrictInt, Field(ge=1, description="AdaRound/LSQ mini-batch size"),
+        StrictInt,
+        Field(ge=1, description="AdaRound/LSQ mini-batch size"),
         Budget("images", if_set=True),
     ] = 32
     adaround_lambda: Number = Field(0.01, ge=0, description="AdaRound regularizer weight")
@@ -144,7 +157,17 @@ class QuantRecipe(RecipePart):
             raise ValueError("needs adaround_b_end <= adaround_b_start")
         if not (self.quantize_image or self.quantize_text):
             raise ValueError("at least one tower must be quantized")
+        if self.token_embedding_bits != 0 and self.token_embedding_bits not in BIT_RANGE:
+            raise ValueError(
+                f"token_embedding_bits {self.token_embedding_bits}: 0 (full precision) or "
+                f"{BIT_RANGE.start}..{BIT_RANGE.stop - 1}"
+            )
         return self
+
+    @property
+    def embedding_bits(self) -> int:
+        """Bits the token table is stored at; 0: full precision (also without the text tower)."""
+        return self.token_embedding_bits if self.quantize_text else 0
 
     @property
     def bits_name(self) -> str:
@@ -221,11 +244,14 @@ class CalibrationRecipe(RecipePart):
         Cli("--calib"),
     ] = "noise"
     num_images: Annotated[
-        StrictInt, Field(ge=1, description="calibration images"), Budget("images"),
+        StrictInt,
+        Field(ge=1, description="calibration images"),
+        Budget("images"),
         Cli("--images"),
     ] = 128
     num_prompts: Annotated[
-        StrictInt, Field(ge=1, description="calibration prompts for the text tower"),
+        StrictInt,
+        Field(ge=1, description="calibration prompts for the text tower"),
         Budget("prompts"),
     ] = 512
     classnames: Annotated[
@@ -273,13 +299,30 @@ class CalibrationRecipe(RecipePart):
 class Recipe(RecipePart):
     """The whole job: quantization, calibration and the seed every random choice derives from."""
 
-    VERSION: ClassVar[int] = 1
-    version: StrictInt = Field(1, description="recipe format version")
+    VERSION: ClassVar[int] = 2
+    version: StrictInt = Field(2, description="recipe format version (1 is upgraded)")
     seed: StrictInt = Field(0, ge=0, lt=2**31, description="seed of every random choice")
     quant: QuantRecipe = Field(default_factory=QuantRecipe, description="quantization")
     calibration: CalibrationRecipe = Field(
         default_factory=CalibrationRecipe, description="calibration data"
     )
+    exports: Annotated[
+        tuple[Export, ...],
+        Field(description="extra formats the job writes into the artifact: onnx"),
+        Cli("--export"),
+    ] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _upgrade(cls, data: Any) -> Any:
+        """Older recipe JSON, upgraded step by step to what it meant when it was written."""
+        if not isinstance(data, dict) or "version" not in data:
+            return data
+        version = data["version"]
+        while isinstance(version, int) and not isinstance(version, bool) and version in _UPGRADES:
+            data = _UPGRADES[version](data)
+            version = data["version"]
+        return data
 
     @field_validator("version", mode="after")
     @classmethod
@@ -288,9 +331,25 @@ class Recipe(RecipePart):
             raise ValueError(f"recipe version {value} not supported (expected {cls.VERSION})")
         return value
 
+    @field_validator("exports", mode="after")
+    @classmethod
+    def _unique_exports(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(set(value)) != len(value):
+            raise ValueError("each export format at most once")
+        return tuple(sorted(value))
+
     @classmethod
     def preset(cls, bits: str, **quant: Any) -> Recipe:
         w, a = parse_bits(bits)
         return cls(quant=QuantRecipe(weight_bits=w, act_bits=a, **quant))
 
 
+def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    """v1 stored the token-embedding table in full precision and had no exports."""
+    quant = data.get("quant", {})
+    if isinstance(quant, dict) and "token_embedding_bits" not in quant:
+        quant = {**quant, "token_embedding_bits": 0}
+    return {**data, "version": 2, "quant": quant}
+
+
+_UPGRADES = {1: _v1_to_v2}

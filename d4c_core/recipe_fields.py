@@ -126,9 +126,7 @@ def field_metadata(model: type[BaseModel], name: str, kind: type) -> Any:
     return next((m for m in model.model_fields[name].metadata if isinstance(m, kind)), None)
 
 
-def walk_fields(
-    model: type[BaseModel], prefix: str = ""
-) -> list[tuple[str, type[BaseModel], str]]:
+def walk_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, type[BaseModel], str]]:
     """Every leaf field below ``model`` as (dotted path, owning model, field name)."""
     out: list[tuple[str, type[BaseModel], str]] = []
     for name, info in model.model_fields.items():

@@ -40,7 +40,6 @@ ProgressFn = Callable[[str, float], None]
 CancelFn = Callable[[], bool]
 
 
-
 @dataclass
 class Progress:
     """One progress number over the stages in ``shares`` (summing to 1), a cancel check

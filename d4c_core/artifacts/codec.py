@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from d4c_core.quant.wrap import QuantLayer, quant_layers
+from d4c_core.quant.wrap import WeightCoded, coded_weights
 
 # State-dict entries of a QuantLayer that the artifact replaces by qweight/wscale/wzero.
 REPLACED = ("weight", "weight_quant.scale", "weight_quant.zero_point", "weight_quant.alpha")
@@ -65,7 +65,7 @@ def unpack_int(packed: Tensor, bits: int, numel: int) -> Tensor:
 
 
 def finalize_scales_(model: nn.Module) -> int:
-    """Round every QuantLayer's weight scale, in place, to fp16 precision; return how many changed.
+    """Round every coded weight's scale, in place, to fp16 precision; return how many changed.
 
     The artifact stores scales in fp16. Rounding the in-memory scale the same way makes the
     fake-quant model and the exported integer model bit-identical. Run it right after range
@@ -74,15 +74,15 @@ def finalize_scales_(model: nn.Module) -> int:
     """
     changed = 0
     with torch.no_grad():
-        for info in quant_layers(model):
-            s = info.module.weight_quant.scale
+        for _, mod in coded_weights(model):
+            s = mod.weight_quant.scale
             r = s.clamp(_FP16_MIN, _FP16_MAX).half().float()
             changed += int((r != s).sum())
             s.copy_(r)
     return changed
 
 
-def encode_layer(name: str, layer: QuantLayer) -> dict[str, Tensor]:
+def encode_layer(name: str, layer: WeightCoded) -> dict[str, Tensor]:
     """The artifact tensors of one layer: packed codes, fp16 scales, uint8 zero points."""
     wq = layer.weight_quant
     codes = wq.int_weight(layer.weight.detach()).round().to(torch.int64)
@@ -93,11 +93,12 @@ def encode_layer(name: str, layer: QuantLayer) -> dict[str, Tensor]:
     }
 
 
-def decode_layer(name: str, layer: QuantLayer, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
+def decode_layer(name: str, layer: WeightCoded, tensors: dict[str, Tensor]) -> dict[str, Tensor]:
     """Pop one layer's artifact tensors from ``tensors``; return its state-dict entries.
 
     The weight is dequantized once, ``(q - zp) * s`` as ``WeightQuantizer.forward`` computes
-    it, and ``alpha`` is zeroed: the loaded layer runs with weight fake quantization off.
+    it, and ``alpha`` (where the layer has one) is zeroed: the loaded layer runs with weight
+    fake quantization off.
     Raises KeyError for a missing tensor, ValueError/RuntimeError for malformed ones.
     """
     wq = layer.weight_quant
@@ -105,9 +106,27 @@ def decode_layer(name: str, layer: QuantLayer, tensors: dict[str, Tensor]) -> di
     scale = tensors.pop(f"{name}.wscale").float().reshape(wq.scale.shape)
     zp = tensors.pop(f"{name}.wzero").float().reshape(wq.zero_point.shape)
     q = unpack_int(packed, wq.bits, layer.weight.numel()).reshape(layer.weight.shape)
-    return {
+    state = {
         f"{name}.weight": (q.float() - zp) * scale,
         f"{name}.weight_quant.scale": scale,
         f"{name}.weight_quant.zero_point": zp,
-        f"{name}.weight_quant.alpha": torch.zeros_like(layer.weight),
     }
+    if hasattr(wq, "alpha"):
+        state[f"{name}.weight_quant.alpha"] = torch.zeros_like(layer.weight)
+    return state
+
+
+def compact_fp(t: Tensor) -> Tensor:
+    """An FP tensor in the narrowest of fp16/bf16/fp32 that holds every value exactly.
+
+    The FP parts of a model loaded from an fp16 checkpoint are fp16 values held in fp32;
+    storing them as fp32 doubled the artifact (a tiny model's token table alone). Exactness
+    is checked per tensor, so nothing is rounded: a tensor that needs fp32 stays fp32.
+    """
+    if t.dtype not in (torch.float32, torch.float64):
+        return t
+    for narrow in (torch.float16, torch.bfloat16, torch.float32):
+        n = t.to(narrow)
+        if torch.equal(n.to(t.dtype), t):
+            return n
+    return t

@@ -24,7 +24,10 @@ from d4c_core.errors import ArtifactError
 from d4c_core.vocabulary import CALIBRATION_SHEET, MANIFEST_FILE, MODEL_FILE, REPORT_FILE
 
 FORMAT = "d4c-quantized"
-FORMAT_VERSION = 1
+# v2: FP tensors in their narrowest exact float type, the token table may be coded (recipe
+# v2). v1 (all FP tensors fp32, recipe v1) still reads: its recipe upgrades to what it meant.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 META_KEY = "d4c"
 __all__ = ["CALIBRATION_SHEET", "MANIFEST_FILE", "MODEL_FILE", "REPORT_FILE"]
 RESERVED = (MODEL_FILE, REPORT_FILE, MANIFEST_FILE)
@@ -103,6 +106,8 @@ def read_model_file(path: Path) -> tuple[dict[str, Tensor], dict[str, str]]:
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:
         raise ArtifactError(f"{path.name} is not a valid safetensors file ({e})") from e
-    if meta.get("format") != FORMAT or meta.get("format_version") != str(FORMAT_VERSION):
-        raise ArtifactError(f"{path.name} is not a {FORMAT} v{FORMAT_VERSION} file")
+    if meta.get("format") != FORMAT or meta.get("format_version") not in map(
+        str, READABLE_VERSIONS
+    ):
+        raise ArtifactError(f"{path.name} is not a readable {FORMAT} file")
     return tensors, meta

@@ -21,18 +21,19 @@ from torch import Tensor, nn
 from d4c_core.artifacts.codec import QSUFFIXES, decode_layer
 from d4c_core.artifacts.format import (
     FORMAT,
-    FORMAT_VERSION,
     MANIFEST_FILE,
     MODEL_FILE,
+    READABLE_VERSIONS,
     REPORT_FILE,
     file_meta,
     json_meta,
     read_model_file,
     sha256_file,
 )
+from d4c_core.artifacts.write import layer_bits as coded_bits
 from d4c_core.errors import ArtifactError, CheckpointError, SpecError
 from d4c_core.models import _eval_transform, create_architecture, load_state_into
-from d4c_core.quant.wrap import quant_layers, set_quant_state, wrap_for_quantization
+from d4c_core.quant.wrap import coded_weights, set_quant_state, wrap_for_quantization
 from d4c_core.recipe import Recipe
 
 
@@ -46,10 +47,10 @@ def _read_manifest(out_dir: Path) -> dict[str, Any]:
         raise ArtifactError(f"{MANIFEST_FILE} is not valid JSON ({e})") from e
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise ArtifactError(f"{MANIFEST_FILE} is not a {FORMAT} manifest")
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in READABLE_VERSIONS:
         raise ArtifactError(
             f"artifact format version {manifest.get('format_version')!r} not supported "
-            f"(expected {FORMAT_VERSION})"
+            f"(this reader: {', '.join(map(str, READABLE_VERSIONS))})"
         )
     return manifest
 
@@ -118,13 +119,12 @@ def _rebuild(
     except Exception as e:  # open_clip raises RuntimeError for unknown archs
         raise ArtifactError(f"cannot build architecture {arch!r} ({e})") from e
     wrap_for_quantization(model, recipe.quant)
-    layers = quant_layers(model)
-    if sorted(layer_bits) != sorted(i.name for i in layers):
+    layers = coded_weights(model)
+    if sorted(layer_bits) != sorted(name for name, _ in layers):
         raise ArtifactError(f"{MODEL_FILE}: quantized layers do not match {arch} + recipe")
     state: dict[str, Tensor] = {}
-    for info in layers:
-        mod, name = info.module, info.name
-        if layer_bits[name] != [mod.weight_quant.bits, mod.act_quant.bits]:
+    for name, mod in layers:
+        if layer_bits[name] != coded_bits(mod):
             raise ArtifactError(f"{name}: bits {layer_bits[name]} != recipe's")
         try:
             state.update(decode_layer(name, mod, tensors))

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from d4c_core.artifacts.codec import REPLACED, encode_layer, finalize_scales_
+from d4c_core.artifacts.codec import REPLACED, compact_fp, encode_layer, finalize_scales_
 from d4c_core.artifacts.format import (
     FORMAT,
     FORMAT_VERSION,
@@ -32,27 +32,28 @@ from d4c_core.artifacts.format import (
 )
 from d4c_core.errors import ArtifactError
 from d4c_core.models import ModelSpec
-from d4c_core.quant.wrap import QuantizedLayerInfo, quant_layers
+from d4c_core.quant.wrap import QuantEmbedding, WeightCoded, coded_weights
 from d4c_core.recipe import Recipe
 
 log = logging.getLogger("d4c_core.artifacts")
 
 
-def _model_tensors(model: nn.Module, layers: list[QuantizedLayerInfo]) -> dict[str, Tensor]:
-    """Integer tensors of every quantized layer plus every other state-dict entry as-is."""
+def _model_tensors(model: nn.Module, layers: list[tuple[str, WeightCoded]]) -> dict[str, Tensor]:
+    """Integer tensors of every coded weight plus every other state-dict entry, FP ones in the
+    narrowest float type that holds them exactly (``compact_fp``)."""
     tensors: dict[str, Tensor] = {}
     replaced: set[str] = set()
     with torch.no_grad():
-        for info in layers:
-            tensors.update(encode_layer(info.name, info.module))
-            replaced.update(f"{info.name}.{k}" for k in REPLACED)
+        for name, mod in layers:
+            tensors.update(encode_layer(name, mod))
+            replaced.update(f"{name}.{k}" for k in REPLACED)
         seen_storage: set[int] = set()
         for key, t in model.state_dict().items():
             if key in replaced:
                 continue
             if key in tensors:
                 raise ArtifactError(f"state dict key {key!r} collides with a quantized tensor")
-            t = t.detach().cpu().contiguous()
+            t = compact_fp(t.detach().cpu().contiguous())
             ptr = t.untyped_storage().data_ptr()
             if ptr in seen_storage:  # safetensors refuses shared storage
                 t = t.clone()
@@ -61,18 +62,24 @@ def _model_tensors(model: nn.Module, layers: list[QuantizedLayerInfo]) -> dict[s
     return tensors
 
 
-def _model_meta(layers: list[QuantizedLayerInfo], spec: ModelSpec, recipe: Recipe) -> str:
+def layer_bits(mod: WeightCoded) -> list[int | None]:
+    """``[weight bits, activation bits]``; a table has no activation (``None``)."""
+    act = None if isinstance(mod, QuantEmbedding) else mod.act_quant.bits
+    return [mod.weight_quant.bits, act]
+
+
+def _model_meta(layers: list[tuple[str, WeightCoded]], spec: ModelSpec, recipe: Recipe) -> str:
     """The model file's metadata as one JSON string (see ``write_artifact``)."""
-    layer_bits = {i.name: [i.module.weight_quant.bits, i.module.act_quant.bits] for i in layers}
+    bits = {name: layer_bits(mod) for name, mod in layers}
     meta = {
         "format": FORMAT,
         "format_version": str(FORMAT_VERSION),
         "recipe": recipe.to_json(),
         "arch": spec.arch,
-        "layer_bits": json.dumps(layer_bits, sort_keys=True),
+        "layer_bits": json.dumps(bits, sort_keys=True),
         # Codes are stored flat; the shape lets readers (weight_bytes, load) check the count.
         "layer_shapes": json.dumps(
-            {i.name: list(i.module.weight.shape) for i in layers}, sort_keys=True
+            {name: list(mod.weight.shape) for name, mod in layers}, sort_keys=True
         ),
     }
     return json.dumps(meta, sort_keys=True)
@@ -103,7 +110,7 @@ def write_artifact(
     out_dir = Path(out_dir)
     extra_files = dict(extra_files or {})
     _check_extra_files(extra_files)
-    layers = quant_layers(model)
+    layers = coded_weights(model)
     if not layers:
         raise ArtifactError("model has no quantized layers (was it wrapped for quantization?)")
     changed = finalize_scales_(model)

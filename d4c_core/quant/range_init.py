@@ -13,7 +13,13 @@ from torch import Tensor, nn
 from d4c_core.artifacts.codec import finalize_scales_
 from d4c_core.finite import require_finite
 from d4c_core.quant.quantizers import RoundMode
-from d4c_core.quant.wrap import act_quantizers, quant_layers, set_quant_state, set_round_mode
+from d4c_core.quant.wrap import (
+    act_quantizers,
+    coded_weights,
+    quant_layers,
+    set_quant_state,
+    set_round_mode,
+)
 from d4c_core.recipe import QuantRecipe
 
 
@@ -55,9 +61,8 @@ def init_ranges(model: nn.Module, images: Tensor, tokens: Tensor, recipe: QuantR
         for _, aq in quantizers:
             aq.observing = False
             aq.memo = None
-    for info in quant_layers(model):
-        wq = info.module.weight_quant
-        wq.init_range(info.module.weight, **search)
+    for _, mod in coded_weights(model):
+        mod.weight_quant.init_range(mod.weight, **search)
     finalize_scales_(model)
     for info in quant_layers(model):
         info.module.weight_quant.init_alpha(info.module.weight)

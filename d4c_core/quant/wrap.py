@@ -9,7 +9,9 @@ the same wrapped model serves as the FP reference during reconstruction.
 
 Left in full precision (reference keep-FP list): ResNet stem, BatchNorms, downsample branch,
 residual adds; ViT patch embedding, class/positional embeddings, LayerNorms, projections;
-token embedding and text projection.
+text projection. The token-embedding table is stored per row on an integer grid
+(``QuantEmbedding``) unless the recipe keeps it FP: it is most of a small CLIP's bytes, and
+a lookup has no activation, so it costs no arithmetic.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from open_clip.transformer import ResidualAttentionBlock, VisionTransformer
 from torch import Tensor, nn
 
 from d4c_core.errors import SpecError
-from d4c_core.quant.quantizers import ActQuantizer, RoundMode, WeightQuantizer
+from d4c_core.quant.quantizers import ActQuantizer, RoundMode, RowQuantizer, WeightQuantizer
 from d4c_core.recipe import QuantRecipe
 
 
@@ -68,6 +70,29 @@ class QuantLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"w{self.weight_quant.bits}a{self.act_quant.bits}, shape={tuple(self.weight.shape)}"
+
+
+class QuantEmbedding(nn.Module):
+    """``nn.Embedding`` whose table is fake-quantized per row (nearest rounding, no AdaRound:
+    no reconstruction unit learns it). Only the looked-up rows are quantized, so a forward
+    costs what the lookup costs, not a pass over the whole table."""
+
+    def __init__(self, emb: nn.Embedding, bits: int) -> None:
+        super().__init__()
+        if emb.padding_idx is not None or emb.max_norm is not None:
+            raise SpecError("token embeddings with padding_idx/max_norm are not supported")
+        self.num_embeddings, self.embedding_dim = emb.num_embeddings, emb.embedding_dim
+        self.weight = nn.Parameter(emb.weight.detach().clone(), requires_grad=False)
+        self.weight_quant = RowQuantizer(self.weight, bits)
+        self.quant_weight = False
+
+    def forward(self, ids: Tensor) -> Tensor:
+        if not self.quant_weight:
+            return F.embedding(ids, self.weight)
+        return self.weight_quant.rows(self.weight, ids)
+
+    def extra_repr(self) -> str:
+        return f"w{self.weight_quant.bits} per row, shape={tuple(self.weight.shape)}"
 
 
 def _split_in_proj(mha: nn.MultiheadAttention) -> tuple[nn.Linear, nn.Linear, nn.Linear]:
@@ -239,6 +264,10 @@ def wrap_for_quantization(model: nn.Module, recipe: QuantRecipe) -> nn.Module:
             )
         m = recipe.text_mlp_bits
         _wrap_transformer_blocks(model.transformer, w, a, (m, m))
+    if recipe.embedding_bits:
+        if not isinstance(getattr(model, "token_embedding", None), nn.Embedding):
+            raise SpecError("unsupported text tower: no token_embedding table to quantize")
+        model.token_embedding = QuantEmbedding(model.token_embedding, recipe.embedding_bits)
     return model.to(device)
 
 
@@ -254,6 +283,18 @@ def quant_layers(model: nn.Module) -> list[QuantizedLayerInfo]:
     return out
 
 
+# Modules whose weight the artifact stores as integer codes (+ per-row scale and zero point).
+WeightCoded = QuantLayer | QuantEmbedding
+
+
+def coded_weights(model: nn.Module) -> list[tuple[str, WeightCoded]]:
+    """Every module stored as integer codes: the QuantLayers, then the token table if coded."""
+    layers: list[tuple[str, WeightCoded]] = [(i.name, i.module) for i in quant_layers(model)]
+    return layers + [
+        (name, mod) for name, mod in model.named_modules() if isinstance(mod, QuantEmbedding)
+    ]
+
+
 def act_quantizers(model: nn.Module) -> Iterator[tuple[str, ActQuantizer]]:
     for name, mod in model.named_modules():
         if isinstance(mod, ActQuantizer):
@@ -263,7 +304,7 @@ def act_quantizers(model: nn.Module) -> Iterator[tuple[str, ActQuantizer]]:
 def set_quant_state(model: nn.Module, weights: bool, acts: bool) -> None:
     """Switch fake quantization on or off everywhere (off == the FP model)."""
     for mod in model.modules():
-        if isinstance(mod, QuantLayer):
+        if isinstance(mod, WeightCoded):
             mod.quant_weight = weights
         elif isinstance(mod, ActQuantizer):
             mod.enabled = acts
@@ -280,7 +321,7 @@ class fp_mode:
         for mod in self.model.modules():
             attr = (
                 "quant_weight"
-                if isinstance(mod, QuantLayer)
+                if isinstance(mod, WeightCoded)
                 else "enabled"
                 if isinstance(mod, ActQuantizer)
                 else None

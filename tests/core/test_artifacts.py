@@ -29,11 +29,13 @@ from d4c_core.artifacts import (
     write_safetensors,
 )
 from d4c_core.errors import ArtifactError
-from d4c_core.models import LoadedModel, ModelSpec, load_clip
+from d4c_core.models import BUILTIN_TAG, LoadedModel, ModelSpec, load_clip
 from d4c_core.quant.grid import qparams
 from d4c_core.quant.quantizers import ActQuantizer, RoundMode
 from d4c_core.quant.wrap import (
+    QuantEmbedding,
     act_quantizers,
+    coded_weights,
     fp_mode,
     quant_layers,
     set_quant_state,
@@ -61,8 +63,8 @@ def _minmax_observe(aq: ActQuantizer, x: torch.Tensor) -> None:
 
 def _minmax_init(q: torch.nn.Module) -> None:
     """Per-channel min-max weight ranges: valid and far cheaper than the MSE search."""
-    for info in quant_layers(q):
-        wq, w = info.module.weight_quant, info.module.weight
+    for _, mod in coded_weights(q):
+        wq, w = mod.weight_quant, mod.weight
         rows = w.reshape(w.shape[0], -1)
         s, z = qparams(rows.min(dim=1).values, rows.max(dim=1).values, wq.qmin, wq.qmax)
         wq.scale.copy_(s.view_as(wq.scale))
@@ -241,10 +243,11 @@ def test_fp_weights_not_in_artifact(exported) -> None:
             assert f.get_tensor(f"{n}.wzero").dtype == torch.uint8
     # Everything FP is there under its own name.
     assert "positional_embedding" in keys and "visual.ln_post.weight" in keys
-    assert meta["format"] == "d4c-quantized" and meta["format_version"] == "1"
+    assert meta["format"] == "d4c-quantized" and meta["format_version"] == "2"
     assert meta["arch"] == "d4c-tiny-vit"
     bits = json.loads(meta["layer_bits"])
-    assert set(bits) == set(names)
+    assert set(bits) == {*names, "token_embedding"}
+    assert bits["token_embedding"] == [8, None]  # a table: no activation
     assert bits["visual.transformer.resblocks.0.attn.q_proj"] == [4, 8]
     assert bits["transformer.resblocks.0.mlp.c_fc"] == [8, 8]  # text MLPs stay W8A8
 
@@ -253,14 +256,15 @@ def test_fp_weights_not_in_artifact(exported) -> None:
 def test_weight_ratio(bits: str, limit: float, fp_models, tmp_path) -> None:
     lm = fp_models["d4c-tiny-vit"]
     w = int(bits[1])
-    recipe = Recipe.preset(bits, mse_candidates=5, text_mlp_bits=w)
+    recipe = Recipe.preset(bits, mse_candidates=5, text_mlp_bits=w, token_embedding_bits=w)
     q = _quantize(lm, recipe, acts=False)
     _export(lm, q, recipe, tmp_path)
     wb = weight_bytes(tmp_path)
-    # Exact accounting: packed codes + fp16 scale + uint8 zero point per output channel.
+    # Exact accounting: packed codes + fp16 scale + uint8 zero point per output channel (per
+    # row of the token table).
     expect_q = expect_fp = 0
-    for info in quant_layers(q):
-        wt = info.module.weight
+    for _, mod in coded_weights(q):
+        wt = mod.weight
         expect_q += (math.ceil(wt.numel() / 2) if w <= 4 else wt.numel()) + 3 * wt.shape[0]
         expect_fp += 4 * wt.numel()
     assert wb == {"quantized_bytes": expect_q, "fp32_bytes": expect_fp}
@@ -273,7 +277,7 @@ def test_weight_ratio(bits: str, limit: float, fp_models, tmp_path) -> None:
 def test_manifest_contents(exported, fp_models) -> None:
     _, d, manifest = exported["d4c-tiny-rn"]
     assert json.loads((d / MANIFEST_FILE).read_text()) == manifest
-    assert manifest["format"] == "d4c-quantized" and manifest["format_version"] == 1
+    assert manifest["format"] == "d4c-quantized" and manifest["format_version"] == 2
     assert manifest["model"]["arch"] == "d4c-tiny-rn"
     assert manifest["model"]["fingerprint"] == fp_models["d4c-tiny-rn"].fingerprint
     assert manifest["seed"] == 0
@@ -325,7 +329,7 @@ def test_verify_manifest_problems(exported, tmp_path) -> None:
     m.write_text("{not json")
     with pytest.raises(ArtifactError, match="JSON"):
         verify(d)
-    m.write_text(json.dumps({**good, "format_version": 2}))
+    m.write_text(json.dumps({**good, "format_version": 3}))
     with pytest.raises(ArtifactError, match="version"):
         verify(d)
     m.write_text(json.dumps({**good, "format": "other"}))
@@ -369,3 +373,112 @@ def test_write_safetensors_surfaces_disk_errors_as_oserror(tmp_path: Path) -> No
     with pytest.raises(OSError) as e:
         write_safetensors(Path("/dev/full"), tensors, {"k": "v"})
     assert e.value.errno == errno.ENOSPC
+
+
+# --------------------------------------------------------------------------- whole-file size
+
+
+def _fp32_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the FP model's state dict with every float tensor in fp32 (the baseline)."""
+    return sum(4 * t.numel() for t in model.state_dict().values() if t.is_floating_point())
+
+
+@pytest.fixture(scope="module")
+def shipped(tmp_path_factory) -> dict[str, tuple[torch.nn.Module, Path, LoadedModel]]:
+    """Per arch: W4A8 of the shipped (fp16) weights, its artifact dir and the FP model."""
+    out = {}
+    for arch in ARCHS:
+        lm = load_clip(ModelSpec(arch, pretrained=BUILTIN_TAG))
+        recipe = Recipe.preset("w4a8", mse_candidates=5)
+        q = _quantize(lm, recipe)
+        d = tmp_path_factory.mktemp(arch) / "shipped"
+        _export(lm, q, recipe, d)
+        out[arch] = (q, d, lm)
+    return out
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_whole_artifact_is_small(arch: str, shipped) -> None:
+    """The issue's target for the tiny models: the whole W4A8 file <= 0.30x the FP32 model,
+    not only its quantized layers (the token table is 84 % of a tiny CLIP)."""
+    q, d, lm = shipped[arch]
+    size = (d / MODEL_FILE).stat().st_size
+    assert size <= 0.30 * _fp32_bytes(lm.model)
+    assert isinstance(q.token_embedding, QuantEmbedding)
+
+
+def test_fp_tensors_keep_their_exact_precision(shipped) -> None:
+    """Built-in weights are fp16: their FP tensors are stored fp16, bit-exact; a quantizer
+    range that needs fp32 stays fp32; the table is codes + fp16 scale + uint8 zero point."""
+    from safetensors import safe_open
+
+    q, d, _ = shipped["d4c-tiny-vit"]
+    state = q.state_dict()
+    with safe_open(str(d / MODEL_FILE), framework="pt") as f:
+        dtypes = {k: f.get_tensor(k).dtype for k in f.keys()}  # noqa: SIM118
+        for key in ("positional_embedding", "visual.ln_post.weight", "text_projection"):
+            assert dtypes[key] == torch.float16
+            assert torch.equal(f.get_tensor(key).float(), state[key])
+        assert dtypes["token_embedding.qweight"] == torch.uint8
+        assert dtypes["token_embedding.wscale"] == torch.float16
+        assert "token_embedding.weight" not in dtypes
+    assert torch.float32 in dtypes.values()  # act ranges are not fp16 values: kept as they are
+
+
+def test_compact_fp_is_exact() -> None:
+    from d4c_core.artifacts.codec import compact_fp
+
+    half = torch.tensor([0.5, -3.0, 65504.0, 2.0**-24])
+    assert compact_fp(half).dtype == torch.float16
+    tiny = torch.tensor([2.0**-100, 1.0])  # bf16 reaches fp32's exponents, fp16 does not
+    assert compact_fp(tiny).dtype == torch.bfloat16
+    full = torch.tensor([0.1, 1.0])
+    assert compact_fp(full).dtype == torch.float32
+    for t in (half, tiny, full, torch.tensor([0.1], dtype=torch.float64)):
+        assert torch.equal(compact_fp(t).to(t.dtype), t)
+    assert compact_fp(torch.tensor([3], dtype=torch.int64)).dtype == torch.int64
+
+
+def _rewrite_as_v1(d: Path) -> None:
+    """What the v1 writer produced: every float tensor fp32, format 1, recipe version 1."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = d / MODEL_FILE
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["d4c"])
+    tensors = {
+        k: t.float() if t.is_floating_point() and not k.endswith(".wscale") else t
+        for k, t in load_file(str(path)).items()
+    }
+    recipe = json.loads(meta["recipe"])
+    assert recipe["quant"].pop("token_embedding_bits") == 0 and recipe.pop("exports") == []
+    recipe["version"] = 1
+    meta |= {"format_version": "1", "recipe": json.dumps(recipe, sort_keys=True)}
+    write_safetensors(path, tensors, {"d4c": json.dumps(meta, sort_keys=True)})
+    manifest = json.loads((d / MANIFEST_FILE).read_text())
+    manifest["recipe"] = recipe
+    manifest["format_version"] = 1
+    for name in manifest["files"]:
+        data = (d / name).read_bytes()
+        manifest["files"][name] = {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+    (d / MANIFEST_FILE).write_text(json.dumps(manifest))
+
+
+def test_v1_artifact_still_loads(fp_models, tmp_path) -> None:
+    """A v1 artifact (FP table, fp32 tensors, recipe v1) loads as what it meant: its recipe
+    upgrades to token_embedding_bits=0 and the model computes what it computed."""
+    lm = fp_models["d4c-tiny-vit"]
+    recipe = Recipe.preset("w4a8", mse_candidates=5, token_embedding_bits=0)
+    q = _quantize(lm, recipe)
+    assert not isinstance(q.token_embedding, QuantEmbedding)
+    _export(lm, q, recipe, tmp_path / "a")
+    _rewrite_as_v1(tmp_path / "a")
+    assert verify(tmp_path / "a")["format_version"] == 1
+    loaded = load_quantized(tmp_path / "a")
+    assert loaded.recipe == recipe
+    tokens = lm.tokenizer(PROMPTS)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert torch.equal(loaded.model.encode_text(tokens), q.encode_text(tokens))
+        assert (loaded.model.encode_image(x) - q.encode_image(x)).abs().max() <= 1e-5

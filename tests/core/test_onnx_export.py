@@ -9,6 +9,7 @@ four combinations are marked slow.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,10 @@ def test_fp32_export_matches_open_clip(arch: str, tmp_path: Path) -> None:
 
 
 def _quantized_artifact(arch: str, w: int, a: int, root: Path) -> Path:
-    recipe = FAST.replace(quant=FAST.quant.model_copy(update={"weight_bits": w, "act_bits": a}))
+    """W<=4 cases code the token table at 4 bits (UINT4, dequantized whole before the
+    lookup), the others at 8 (UINT8 rows gathered first): both export paths are covered."""
+    table = 4 if w <= 4 else 8
+    recipe = FAST.replace(quant={"weight_bits": w, "act_bits": a, "token_embedding_bits": table})
     out = root / f"{arch}-w{w}a{a}"
     export(quantize(load_model(arch), recipe), out)
     return out
@@ -101,6 +105,14 @@ def _check_integer_weights(path: Path, model: torch.nn.Module, tower: str) -> No
         w = info.module.weight.detach().numpy()
         assert not any(f.shape == w.shape and np.array_equal(f, w) for f in floats), info.name
     ops = [n.op_type for n in proto.graph.node]
+    if tower == "text":  # the token table: codes + per-row scale, no float table
+        table = model.token_embedding
+        bits = table.weight_quant.bits
+        q = inits["model.token_embedding.qweight"]
+        assert q.data_type == (TensorProto.UINT4 if bits <= 4 else TensorProto.UINT8)
+        assert list(q.dims) == list(table.weight.shape)
+        assert "model.token_embedding.weight" not in inits
+        assert not any(f.size >= table.weight.numel() for f in floats)
     assert "QuantizeLinear" in ops and "DequantizeLinear" in ops
     if any(i.module.act_quant.bits < 8 for i in layers):
         assert "Min" in ops  # the b-bit grid's top inside UINT8
@@ -115,6 +127,13 @@ def test_quantized_export_matches_torch(arch: str, w: int, a: int, tmp_path: Pat
         onnx.checker.check_model(onnx.load(str(path)), full_check=True)
         assert onnx.load(str(path)).opset_import[0].version == 21
         _check_integer_weights(path, lq.model, tower)
+    meta = {t: ort_session(p).get_modelmeta().custom_metadata_map for t, p in files.items()}
+    assert int(meta["image"]["image_size"]) == 32  # both tiny models' input size
+    assert json.loads(meta["image"]["mean"]) == pytest.approx(
+        list(lq.preprocess.transforms[-1].mean)
+    )
+    assert meta["text"]["tokenizer"] == f"open_clip.get_tokenizer({arch!r})"
+    assert int(meta["text"]["context_length"]) == lq.model.context_length
     cos = _cosines(lq.model, files, lq.tokenizer)
     print(f"{arch} w{w}a{a} cosine min image {min(cos['image']):.6f} text {min(cos['text']):.6f}")
     assert min(cos["image"]) >= 0.999 and min(cos["text"]) >= 0.999, cos

@@ -128,7 +128,7 @@ def test_json_round_trip_is_exact(recipe: Recipe) -> None:
     assert json.loads(text)["version"] == Recipe.VERSION
     # Every field is in the JSON (no silently implied defaults).
     data = json.loads(text)
-    assert set(data) == {"version", "seed", "quant", "calibration"}
+    assert set(data) == {"version", "seed", "quant", "calibration", "exports"}
     assert set(data["quant"]) == set(QuantRecipe.model_fields)
     assert set(data["calibration"]) == set(CalibrationRecipe.model_fields)
     hash(back)  # frozen and hashable: tuples, not lists
@@ -161,7 +161,7 @@ BAD_JSON: list[Any] = [
     {"sed": 1},
     {"quant": {"weight_bit": 4}},
     {"calibration": {"classname": ["a"]}},
-    {"version": 2},
+    {"version": 3},
     {"version": 0},
     {"version": "1"},
     {"version": True},
@@ -233,7 +233,7 @@ def test_error_messages_name_the_field() -> None:
     with pytest.raises(SpecError, match="seed"):
         Recipe.from_json('{"seed": "x"}')
     with pytest.raises(SpecError, match="version"):
-        Recipe.from_json('{"version": 2}')
+        Recipe.from_json('{"version": 3}')
 
 
 # ---------------------------------------------------------------- synthesis settings
@@ -349,3 +349,48 @@ def test_bad_components_message_lists_the_ablations() -> None:
     with pytest.raises(SpecError, match="pgsi,scg,pae") as e:
         SynthRecipe(components=("scg",))
     assert "pgsi | pgsi,scg | pgsi,pae" in str(e.value)
+
+
+# --------------------------------------------------------------------------- versions
+
+
+def test_v1_recipe_upgrades_to_what_it_meant() -> None:
+    """v1 kept the token table in full precision and had no exports: the upgrade says so,
+    rather than giving an old stored job today's 8-bit default."""
+    v1 = {"version": 1, "seed": 3, "quant": {"weight_bits": 6}}
+    r = Recipe.from_dict(v1)
+    assert r.version == Recipe.VERSION == 2
+    assert r.quant.token_embedding_bits == 0 and r.exports == () and r.seed == 3
+    assert r.quant.weight_bits == 6
+    assert Recipe.from_dict({"version": 1}).quant.token_embedding_bits == 0
+    assert Recipe().quant.token_embedding_bits == 8  # today's default: the table is coded
+    assert Recipe.from_json(r.to_json()) == r
+
+
+@pytest.mark.parametrize("version", [0, 3, True, "2"])
+def test_unknown_recipe_versions_are_refused(version: Any) -> None:
+    with pytest.raises(SpecError, match="version"):
+        Recipe.from_dict({"version": version})
+
+
+@pytest.mark.parametrize("bits", [1, 9, -1])
+def test_token_embedding_bits_range(bits: int) -> None:
+    with pytest.raises(SpecError, match="token_embedding_bits"):
+        Recipe.from_dict({"quant": {"token_embedding_bits": bits}})
+
+
+def test_table_bits_follow_the_text_tower() -> None:
+    assert Recipe().quant.embedding_bits == 8
+    assert Recipe.preset("w4a8", token_embedding_bits=4).quant.embedding_bits == 4
+    assert Recipe.preset("w4a8", quantize_text=False).quant.embedding_bits == 0
+
+
+@pytest.mark.parametrize(
+    ("exports", "ok"), [([], True), (["onnx"], True), (["onnx", "onnx"], False), (["tf"], False)]
+)
+def test_exports_field(exports: list[str], ok: bool) -> None:
+    if ok:
+        assert Recipe.from_dict({"exports": exports}).exports == tuple(exports)
+    else:
+        with pytest.raises(SpecError, match="exports"):
+            Recipe.from_dict({"exports": exports})

@@ -140,7 +140,7 @@ def test_vit_keep_fp_list_and_bits(tiny: dict[str, LoadedModel]) -> None:
     norms = {n: m for n, m in before.named_modules() if isinstance(m, nn.LayerNorm)}
     q = wrap_for_quantization(before, QuantRecipe(weight_bits=4, act_bits=8))
     assert type(q.visual.conv1) is nn.Conv2d
-    assert type(q.token_embedding) is nn.Embedding
+    assert type(q.token_embedding).__name__ == "QuantEmbedding"  # the table is coded
     after = {n: m for n, m in q.named_modules() if isinstance(m, nn.LayerNorm)}
     assert after.keys() == norms.keys() and all(after[n] is norms[n] for n in norms)
     assert len(norms) > 0
@@ -212,7 +212,7 @@ def test_resnet_keep_fp_list(tiny: dict[str, LoadedModel]) -> None:
         "v_proj",
         "out_proj",
     ]
-    assert type(q.token_embedding) is nn.Embedding
+    assert type(q.token_embedding).__name__ == "QuantEmbedding"
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -247,7 +247,9 @@ class TextFirst(nn.Module):
 def test_quant_layers_puts_image_first_whatever_the_module_order(
     tiny: dict[str, LoadedModel],
 ) -> None:
-    m = wrap_for_quantization(TextFirst(copy.deepcopy(tiny["d4c-tiny-vit"].model)), QuantRecipe())
+    m = wrap_for_quantization(
+        TextFirst(copy.deepcopy(tiny["d4c-tiny-vit"].model)), QuantRecipe(token_embedding_bits=0)
+    )
     assert next(n for n, x in m.named_modules() if isinstance(x, QuantLayer)).startswith(
         "transformer."
     )
@@ -366,3 +368,58 @@ def test_quant_layer_forward_matches_numpy_reference() -> None:
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
     assert np.abs(got - (x.double().numpy() @ lin.weight.detach().double().numpy().T)).max() > 1e-3
     assert isinstance(aq, ActQuantizer) and aq.channels == 6
+
+
+# --------------------------------------------------------------------------- token table
+
+
+def test_token_table_is_coded_per_row_against_float64(tiny: dict[str, LoadedModel]) -> None:
+    """Each looked-up row is ``(clip(round(w/s) + z, 0, 2^b-1) - z) * s`` with its own min-max
+    range (float64 reference), only the rows looked up are computed, and the error per entry
+    stays within half a step."""
+    from d4c_core.quant.range_init import search_args
+    from d4c_core.quant.wrap import QuantEmbedding
+
+    lm = tiny["d4c-tiny-vit"]
+    for bits in (8, 4):
+        m = wrapped(lm, token_embedding_bits=bits)
+        emb = m.token_embedding
+        assert isinstance(emb, QuantEmbedding) and emb.weight_quant.bits == bits
+        emb.weight_quant.init_range(emb.weight, **search_args(QuantRecipe()))
+        ids = lm.tokenizer(PROMPTS)
+        emb.quant_weight = False
+        assert torch.equal(emb(ids), lm.model.token_embedding(ids))  # off: the FP table
+        emb.quant_weight = True
+        got = emb(ids).double()
+        w = emb.weight.double()[ids]
+        lo = w.amin(-1, keepdim=True).clamp(max=0)
+        hi = w.amax(-1, keepdim=True).clamp(min=0)
+        s = emb.weight_quant.scale.double()[ids]
+        assert torch.allclose(s, (hi - lo) / (2**bits - 1), rtol=1e-6)
+        z = emb.weight_quant.zero_point.double()[ids]
+        ref = (torch.clamp(torch.round(w / s) + z, 0, 2**bits - 1) - z) * s
+        assert torch.allclose(got, ref, rtol=0, atol=1e-6)
+        assert ((got - w).abs() <= s / 2 + 1e-6).all()
+        assert (got != w).any()
+        full = emb.weight_quant(emb.weight)[ids]
+        assert torch.equal(emb(ids), full)  # the row-only path is the whole table's rows
+
+
+def test_token_table_bits_zero_or_no_text_tower_keeps_nn_embedding(
+    tiny: dict[str, LoadedModel],
+) -> None:
+    from d4c_core.quant.wrap import QuantEmbedding, coded_weights
+
+    assert isinstance(
+        wrapped(tiny["d4c-tiny-vit"], token_embedding_bits=0).token_embedding, nn.Embedding
+    )
+    m = wrapped(tiny["d4c-tiny-vit"], quantize_text=False)
+    assert type(m.token_embedding) is nn.Embedding
+    m = wrapped(tiny["d4c-tiny-rn"])
+    assert isinstance(m.token_embedding, QuantEmbedding)
+    assert coded_weights(m)[-1] == ("token_embedding", m.token_embedding)
+    set_quant_state(m, weights=True, acts=False)
+    assert m.token_embedding.quant_weight
+    with fp_mode(m):
+        assert not m.token_embedding.quant_weight
+    assert m.token_embedding.quant_weight
