@@ -152,11 +152,40 @@ def _calibration_sheet(qmodel: QuantizedModel, scratch: Path) -> dict[str, Path]
     return {CALIBRATION_SHEET: path}
 
 
+def _onnx_files(qmodel: QuantizedModel, scratch: Path) -> dict[str, Path]:
+    """The recipe's ONNX export, checked in ONNX Runtime into ``report["onnx"]``.
+
+    The check runs on the first ``range_init_images``/``range_init_prompts`` calibration
+    inputs (what the report's embedding cosine uses) and on the job's evaluation task."""
+    from d4c_core.onnx_check import onnx_report
+    from d4c_core.onnx_export import export_onnx
+
+    files = export_onnx(qmodel, scratch / "onnx")
+    quant = qmodel.recipe.quant
+    images = qmodel.calibration_images
+    tokens = qmodel.calibration_tokens
+    if images is None or tokens is None:
+        raise ArtifactError("the ONNX check needs the calibration inputs of the quantized model")
+    zs = qmodel.report.get("metrics", {}).get("zero_shot")
+    qmodel.report["onnx"] = onnx_report(
+        files,
+        qmodel.model,
+        images[: quant.range_init_images].cpu(),
+        tokens[: quant.range_init_prompts].cpu(),
+        task=qmodel.eval_task,
+        tokenizer=qmodel.tokenizer,
+        reference=zs["quantized"] if zs else None,
+    )
+    return {path.name: path for path in files.values()}
+
+
 def export(qmodel: QuantizedModel, out_dir: str | Path, *, overwrite: bool = False) -> dict:
     """Write ``qmodel``'s artifact to ``out_dir``; return its manifest.
 
-    The files are written to ``.<name>.tmp`` beside it and renamed, so ``out_dir`` appears
-    only complete. An existing non-empty ``out_dir`` is replaced only with ``overwrite``.
+    With ``exports: ["onnx"]`` in the recipe the artifact also holds the two ONNX graphs,
+    and ``report.json`` their check in ONNX Runtime (``onnx``). The files are written to
+    ``.<name>.tmp`` beside it and renamed, so ``out_dir`` appears only complete. An existing
+    non-empty ``out_dir`` is replaced only with ``overwrite``.
     """
     out = Path(out_dir)
     if out.exists() and not overwrite and not (out.is_dir() and not any(out.iterdir())):
@@ -169,6 +198,8 @@ def export(qmodel: QuantizedModel, out_dir: str | Path, *, overwrite: bool = Fal
         with tempfile.TemporaryDirectory() as scratch:
             extra = _calibration_sheet(qmodel, Path(scratch))
             qmodel.model.cpu()  # integer codes are computed on the CPU, where loads decode them
+            if "onnx" in qmodel.recipe.exports:
+                extra |= _onnx_files(qmodel, Path(scratch))
             manifest = write_artifact(
                 qmodel.model,
                 qmodel.spec,

@@ -48,9 +48,9 @@ from torch import Tensor, nn
 from d4c_core.errors import ArtifactError, SpecError
 from d4c_core.quant.quantizers import ActQuantizer
 from d4c_core.quant.wrap import QuantEmbedding, QuantLayer
+from d4c_core.vocabulary import ONNX_IMAGE_FILE, ONNX_TEXT_FILE
 
-IMAGE_FILE = "image_encoder.onnx"
-TEXT_FILE = "text_encoder.onnx"
+IMAGE_FILE, TEXT_FILE = ONNX_IMAGE_FILE, ONNX_TEXT_FILE
 # The TorchScript exporter goes to opset 20; the files are stamped 21 (UINT4 needs it). The
 # operators changed from 20 to 21 (Q/DQ, Cast, Reshape, Shape, ...) only gained types, so a
 # graph valid at 20 means the same at 21.

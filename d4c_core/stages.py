@@ -104,6 +104,8 @@ class QuantizedModel:
     preprocess: Any
     report: dict[str, Any]
     calibration_images: Tensor | None = None
+    calibration_tokens: Tensor | None = None
+    eval_task: EvalTask | None = None
 
 
 def _calibration_key(loaded: LoadedModel, recipe: Recipe, image_dir: Path | None) -> str:
@@ -308,4 +310,6 @@ def run_stages(
         preprocess=loaded.preprocess,
         report=report,
         calibration_images=calib.images,
+        calibration_tokens=calib.tokens,
+        eval_task=task,
     )

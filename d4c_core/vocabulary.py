@@ -23,12 +23,17 @@ MODEL_FILE = "model.safetensors"
 REPORT_FILE = "report.json"
 MANIFEST_FILE = "manifest.json"
 CALIBRATION_SHEET = "calibration.png"
+# The recipe's ``exports: ["onnx"]`` (ONNX has no registered media type).
+ONNX_IMAGE_FILE = "image_encoder.onnx"
+ONNX_TEXT_FILE = "text_encoder.onnx"
 # Every file an artifact directory may hold, with the media type it is served as.
 ARTIFACT_MEDIA_TYPES: dict[str, str] = {
     MODEL_FILE: "application/octet-stream",
     MANIFEST_FILE: "application/json",
     REPORT_FILE: "application/json",
     CALIBRATION_SHEET: "image/png",
+    ONNX_IMAGE_FILE: "application/octet-stream",
+    ONNX_TEXT_FILE: "application/octet-stream",
 }
 ARTIFACT_FILES: tuple[str, ...] = tuple(ARTIFACT_MEDIA_TYPES)
 # Files without which an artifact is not loadable.

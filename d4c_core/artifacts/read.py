@@ -167,24 +167,35 @@ def load_quantized(out_dir: Path | str, device: str | torch.device = "cpu") -> L
 
 
 def weight_bytes(out_dir: Path) -> dict[str, int]:
-    """Bytes of the quantized weights (codes + scales + zero points) vs the same weights in FP32.
+    """Bytes of the coded weights (codes + scales + zero points) vs the same weights in FP32,
+    and of the whole model file vs the whole model in FP32.
 
-    Only the QuantLayer weights count: that is what quantization compresses; FP tensors
-    (embeddings, norms) are the same size either way.
+    ``quantized_bytes``/``fp32_bytes`` count the coded weights (layers and token table): what
+    quantization compresses. ``file_bytes``/``fp32_model_bytes`` are what a user ships: the
+    FP32 model is every coded weight and every other model tensor at 4 bytes per value
+    (quantizer ranges are not model tensors and are left out of that baseline).
     """
     path = Path(out_dir) / MODEL_FILE
-    quantized = 0
+    quantized = other = 0
     try:
         with safe_open(str(path), framework="pt") as f:
             shapes = json_meta(file_meta(f.metadata()), "layer_shapes")
             for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
+                t = f.get_slice(key)
+                numel = math.prod(t.get_shape())
                 if key.endswith(QSUFFIXES):
-                    t = f.get_tensor(key)
-                    quantized += t.numel() * t.element_size()
+                    quantized += numel * f.get_tensor(key).element_size()
+                elif "_quant." not in key and t.get_dtype() in ("F16", "BF16", "F32", "F64"):
+                    other += numel
     except (SafetensorError, OSError) as e:
         raise ArtifactError(f"{MODEL_FILE} is not readable ({e})") from e
     fp32 = sum(4 * math.prod(shape) for shape in shapes.values())
-    return {"quantized_bytes": quantized, "fp32_bytes": fp32}
+    return {
+        "quantized_bytes": quantized,
+        "fp32_bytes": fp32,
+        "file_bytes": path.stat().st_size,
+        "fp32_model_bytes": fp32 + 4 * other,
+    }
 
 
 def inspect(out_dir: Path) -> dict[str, Any]:
@@ -210,6 +221,7 @@ def inspect(out_dir: Path) -> dict[str, Any]:
         "weights": {
             **wb,
             "ratio": wb["quantized_bytes"] / wb["fp32_bytes"] if wb["fp32_bytes"] else None,
+            "file_ratio": wb["file_bytes"] / wb["fp32_model_bytes"],
         },
         "metrics": report.get("metrics") if isinstance(report, dict) else None,
     }

@@ -267,7 +267,10 @@ def test_weight_ratio(bits: str, limit: float, fp_models, tmp_path) -> None:
         wt = mod.weight
         expect_q += (math.ceil(wt.numel() / 2) if w <= 4 else wt.numel()) + 3 * wt.shape[0]
         expect_fp += 4 * wt.numel()
-    assert wb == {"quantized_bytes": expect_q, "fp32_bytes": expect_fp}
+    assert {k: wb[k] for k in ("quantized_bytes", "fp32_bytes")} == {
+        "quantized_bytes": expect_q,
+        "fp32_bytes": expect_fp,
+    }
     assert wb["quantized_bytes"] / wb["fp32_bytes"] <= limit
 
 
@@ -404,6 +407,8 @@ def test_whole_artifact_is_small(arch: str, shipped) -> None:
     q, d, lm = shipped[arch]
     size = (d / MODEL_FILE).stat().st_size
     assert size <= 0.30 * _fp32_bytes(lm.model)
+    wb = weight_bytes(d)  # what `d4c inspect` reports: the same baseline, counted from the file
+    assert wb["file_bytes"] == size and wb["fp32_model_bytes"] == _fp32_bytes(lm.model)
     assert isinstance(q.token_embedding, QuantEmbedding)
 
 

@@ -9,6 +9,7 @@ one the API validated.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import time
 from collections.abc import Iterator
@@ -67,8 +68,8 @@ def stack(module_pg_url: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
             get_settings.cache_clear()
 
 
-def _submit(stack: Stack, recon_iters: int) -> str:
-    body = job_body(recon_iters)
+def _submit(stack: Stack, recon_iters: int, exports: tuple[str, ...] = ()) -> str:
+    body = job_body(recon_iters, exports=exports)
     r = stack.client.post("/jobs", json=body, headers=stack.headers)
     assert r.status_code == 202, r.text
     assert r.headers["location"] == f"/jobs/{r.json()['id']}"
@@ -96,7 +97,8 @@ def _wait_state(stack: Stack, job_id: str, states: tuple[str, ...]) -> dict[str,
 
 
 def test_submit_run_download_verify(stack: Stack, tmp_path: Path) -> None:
-    job_id = _submit(stack, recon_iters=2)
+    """The whole round trip, with the recipe's ONNX export: listed, served and checked."""
+    job_id = _submit(stack, recon_iters=2, exports=("onnx",))
     job = _wait_state(stack, job_id, FINISHED)
     assert job["state"] == "succeeded", job["error"]
     assert job["progress"] == 1.0 and job["error"] is None and job["attempts"] == 1
@@ -106,7 +108,14 @@ def test_submit_run_download_verify(stack: Stack, tmp_path: Path) -> None:
     r = stack.client.get(f"/jobs/{job_id}/artifacts", headers=stack.headers)
     assert r.status_code == 200
     listing = {a["name"]: a for a in r.json()}
-    assert set(listing) == {"model.safetensors", "manifest.json", "report.json", "calibration.png"}
+    assert set(listing) == {
+        "model.safetensors",
+        "manifest.json",
+        "report.json",
+        "calibration.png",
+        "image_encoder.onnx",
+        "text_encoder.onnx",
+    }
     out = tmp_path / "artifact"
     out.mkdir()
     for name, entry in listing.items():
@@ -118,6 +127,9 @@ def test_submit_run_download_verify(stack: Stack, tmp_path: Path) -> None:
         (out / name).write_bytes(r.content)
     manifest = verify(out)
     assert manifest["recipe"] == job["recipe"]
+    assert {"image_encoder.onnx", "text_encoder.onnx"} <= set(manifest["files"])
+    cosine = json.loads((out / "report.json").read_text())["onnx"]["cosine"]
+    assert cosine["image"]["min"] >= 0.999 and cosine["text"]["min"] >= 0.999, cosine
 
     # Finished: nothing left to resume, nothing half-published.
     assert not (stack.settings.work_dir / job_id).exists()

@@ -35,7 +35,7 @@ def tiny_recipe(**quant: Any) -> dict[str, Any]:
     ).to_dict()
 
 
-def job_body(recon_iters: int, seed: int = 0) -> dict[str, Any]:
+def job_body(recon_iters: int, seed: int = 0, exports: tuple[str, ...] = ()) -> dict[str, Any]:
     """A ``POST /jobs`` body for a test-sized d4c-tiny-vit W4A8 job on noise."""
     return {
         "model": {"arch": "d4c-tiny-vit", "pretrained": "builtin"},
@@ -43,6 +43,7 @@ def job_body(recon_iters: int, seed: int = 0) -> dict[str, Any]:
             "seed": seed,
             "quant": TINY_QUANT | {"weight_bits": 4, "act_bits": 8, "recon_iters": recon_iters},
             "calibration": TINY_CALIBRATION,
+            "exports": list(exports),
         },
     }
 
