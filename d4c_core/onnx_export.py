@@ -9,10 +9,14 @@ QuantLayer weight is exported as a float initializer first and then *replaced* b
 surgery with its integer codes (UINT8, or UINT4 for <= 4 bits, opset 21) feeding a per-channel
 DequantizeLinear; no float copy of a quantized weight stays in the file. The codes are
 recovered exactly from the model (``round(W/s) + zp``, checked to reproduce ``W``).
-Activation quantizers are exported through ``torch.fake_quantize_*`` (QuantizeLinear +
-DequantizeLinear, UINT8). The grid is unsigned ``[0, 2^b-1]``; for b < 8 the upper end is
-enforced by a float ``Min`` before QuantizeLinear (the lower end 0 is UINT8's own), which
-gives exactly the same codes as the torch clamp: no approximation.
+Per-tensor activation quantizers are exported through ``torch.fake_quantize_per_tensor_affine``
+(QuantizeLinear + DequantizeLinear, UINT8). The grid is unsigned ``[0, 2^b-1]``; for b < 8
+the upper end is enforced by a float ``Min`` before QuantizeLinear (the lower end 0 is UINT8's
+own), which gives exactly the same codes as the torch clamp: no approximation. Per-channel
+activation quantizers (the inputs of q/k/v and MLP fc1) are written as the quantizer's own
+arithmetic, ``clip(round(x / s), -z, qmax - z) * s``: no integer kernel can take a per-input-
+channel scale (it sits inside the dot product), and ORT's per-axis QuantizeLinear runs
+element by element, ~200x slower than the arithmetic. Same codes, same values.
 
 A coded token table (``QuantEmbedding``) is looked up before it is dequantized: ``Gather``
 on the UINT8 codes and on the per-row scale and zero point, then ``(q - zp) * s`` on the
@@ -38,6 +42,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 import onnx
 import open_clip
@@ -72,15 +77,22 @@ class _Encoder(nn.Module):
 
 
 def _act_forward(self: ActQuantizer, x: Tensor) -> Tensor:
-    """ActQuantizer's eval forward in ops the exporter turns into Min + Q/DQ (UINT8)."""
+    """ActQuantizer's eval forward in ops the exporter turns into Min + Q/DQ (UINT8).
+
+    Per channel, it is ``ActQuantizer.forward`` itself (Div, Round, Max, Min, Mul): ONNX
+    Runtime's per-axis QuantizeLinear over the last axis quantizes element by element (about
+    200x slower than per tensor), and its DequantizeLinear would be fused into a kernel that
+    rejects per-channel zero points. Same codes, same values, exactly.
+    """
     if not self.enabled:
         return x
     s = self.scale.detach().float()
     z = self.zero_point.detach().round().to(torch.int32)
+    if self.channels:
+        zf = z.float()
+        return torch.clamp(torch.round(x / s), self.qmin - zf, self.qmax - zf) * s
     if self.bits < 8:  # keep codes on the b-bit grid: top code (qmax - z) * s, exactly
         x = torch.minimum(x, (self.qmax - z).float() * s)
-    if self.channels:
-        return torch.fake_quantize_per_channel_affine(x, s, z, x.dim() - 1, 0, 255)
     return torch.fake_quantize_per_tensor_affine(x, s.reshape(()), z.reshape(()), 0, 255)
 
 
@@ -158,30 +170,40 @@ def _dummy_input(model: nn.Module, tower: str) -> Tensor:
 
 
 def _trace(model: nn.Module, tower: str, path: Path) -> None:
-    """TorchScript export of one tower, constant folding off so weight names survive."""
+    """TorchScript export of one tower, constant folding off so weight names survive.
+
+    FP ``nn.MultiheadAttention`` in eval takes a fused fast path the exporter cannot trace
+    (``aten::_native_multi_head_attention``; ViT-B-32's FP32 export failed on it): it is off
+    for the trace, restored after.
+    """
     names = ("image", "embedding") if tower == "image" else ("tokens", "embedding")
     enc = _Encoder(model, tower).eval()  # the exporter restores the wrapper's mode onto model
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            enc,
-            (_dummy_input(model, tower),),
-            str(path),
-            dynamo=False,
-            opset_version=EXPORT_OPSET,
-            do_constant_folding=False,
-            input_names=[names[0]],
-            output_names=[names[1]],
-            dynamic_axes={names[0]: {0: "batch"}, names[1]: {0: "batch"}},
-        )
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                enc,
+                (_dummy_input(model, tower),),
+                str(path),
+                dynamo=False,
+                opset_version=EXPORT_OPSET,
+                do_constant_folding=False,
+                input_names=[names[0]],
+                output_names=[names[1]],
+                dynamic_axes={names[0]: {0: "batch"}, names[1]: {0: "batch"}},
+            )
+    finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def _int_tensor(name: str, values: np.ndarray, bits: int) -> TensorProto:
-    """UINT4 for <= 4 bits (exact: the codes fit), UINT8 otherwise."""
+    """UINT4 for <= 4 bits (exact: the codes fit), packed two per byte in ``raw_data`` as
+    the ONNX spec lays 4-bit tensors out (``make_tensor`` would spend a varint per value);
+    UINT8 otherwise."""
     if bits <= 4:
-        return helper.make_tensor(
-            name, TensorProto.UINT4, values.shape, values.reshape(-1).tolist()
-        )
+        return numpy_helper.from_array(values.astype(ml_dtypes.uint4), name)
     return numpy_helper.from_array(values, name)
 
 
@@ -265,39 +287,6 @@ def _replace_weights(proto: onnx.ModelProto, layers: dict[str, QuantLayer | Quan
     return count
 
 
-def _unfuse_per_channel_dq(proto: onnx.ModelProto) -> int:
-    """Write per-channel *activation* dequantization as ``(float(q) - zp) * s``.
-
-    ONNX Runtime (1.32, default optimization level) fuses ``DequantizeLinear -> MatMul`` into
-    ``MatMulIntegerToFloat``, which then fails at run time on a per-channel activation zero
-    point ("Per-Channel is not supported yet"). The explicit arithmetic is the same
-    computation (an exact integer difference times the scale) and is not fused. Activation
-    quantizers are per channel over the last axis only, so ``zp``/``s`` broadcast as they are.
-    """
-    producers = {o: n for n in proto.graph.node for o in n.output}
-    out = []
-    count = 0
-    for node in proto.graph.node:
-        src = producers.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
-        per_channel = any(a.name == "axis" for a in node.attribute)
-        # Weights' DQ read an initializer; per-tensor DQ are fused correctly by ORT.
-        if src is None or src.op_type != "QuantizeLinear" or not per_channel:
-            out.append(node)
-            continue
-        q, s, z = node.input
-        tag = node.name or node.output[0]
-        out += [
-            helper.make_node("Cast", [q], [f"{tag}/qf"], to=TensorProto.FLOAT),
-            helper.make_node("Cast", [z], [f"{tag}/zf"], to=TensorProto.FLOAT),
-            helper.make_node("Sub", [f"{tag}/qf", f"{tag}/zf"], [f"{tag}/centered"]),
-            helper.make_node("Mul", [f"{tag}/centered", s], list(node.output)),
-        ]
-        count += 1
-    del proto.graph.node[:]
-    proto.graph.node.extend(out)
-    return count
-
-
 def graph_metadata(model: nn.Module, tower: str, arch: str | None) -> dict[str, str]:
     """What a runtime needs besides the graph: the image tower's input size and
     normalization (open_clip's eval preprocessing), the text tower's tokenizer."""
@@ -330,7 +319,6 @@ def _export_tower(model: nn.Module, tower: str, path: Path, metadata: dict[str, 
         _trace(model, tower, path)
     proto = onnx.load(str(path))
     _replace_weights(proto, layers)
-    _unfuse_per_channel_dq(proto)
     for op in proto.opset_import:
         if op.domain in ("", "ai.onnx"):
             op.version = FILE_OPSET
@@ -402,7 +390,9 @@ def export_onnx(source: Any, out_dir: str | Path) -> dict[str, Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, ArtifactError | SpecError):
             raise
-        raise SpecError(f"ONNX export failed: {type(e).__name__}: {e}") from e
+        # The message reaches service clients: no server path in it.
+        detail = str(e).replace(str(tmp), "<export dir>").replace(str(out.parent), "<dir>")
+        raise SpecError(f"ONNX export failed: {type(e).__name__}: {detail}") from e
     finally:
         model.train(training)
     return {"image": out / IMAGE_FILE, "text": out / TEXT_FILE}

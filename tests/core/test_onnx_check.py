@@ -81,10 +81,12 @@ def test_failed_onnx_export_leaves_nothing(tmp_path: Path, monkeypatch) -> None:
 
     q = quantize(load_model("d4c-tiny-vit"), FAST.replace(exports=["onnx"]))
 
-    def refuse(*_a: object, **_k: object) -> None:
-        raise RuntimeError("cannot trace this architecture")
+    def refuse(_model: object, _tower: str, path: Path) -> None:
+        raise RuntimeError(f"cannot trace this architecture into {path}")
 
     monkeypatch.setattr(onnx_export, "_trace", refuse)
-    with pytest.raises(SpecError, match="ONNX export failed: RuntimeError: cannot trace"):
+    with pytest.raises(SpecError, match="ONNX export failed: RuntimeError: cannot trace") as e:
         export(q, tmp_path / "a")
+    # A job's problem detail names no server path.
+    assert "<export dir>/image_encoder.onnx" in str(e.value) and "/tmp" not in str(e.value)
     assert list(tmp_path.iterdir()) == []

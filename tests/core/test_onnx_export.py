@@ -186,3 +186,20 @@ def test_cli_export_bad_input_is_one_error_line(artifact: Path, tmp_path: Path, 
     with pytest.raises(SystemExit) as e:
         main(["export", str(artifact), "--format", "tflite"])
     assert e.value.code == 2
+
+
+@pytest.mark.slow
+def test_fp32_export_of_a_real_size_vit(tmp_path: Path) -> None:
+    """ViT-B-32's FP attention takes torch's fused fast path in eval, which the exporter
+    cannot trace: the export turns it off (and restores it)."""
+    from d4c_core.models import ModelSpec
+
+    lm = load_model(ModelSpec("ViT-B-32"))
+    before = torch.backends.mha.get_fastpath_enabled()
+    files = export_onnx(lm, tmp_path / "onnx")
+    assert torch.backends.mha.get_fastpath_enabled() == before
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = lm.model.encode_image(x)
+    got = _run(files["image"], x)
+    assert float(F.cosine_similarity(got, ref).min()) >= 0.9999
