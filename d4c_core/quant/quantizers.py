@@ -318,6 +318,10 @@ class RowQuantizer(WeightQuantizer):
         del self.alpha
         self.register_buffer("scale", torch.ones(weight.shape[0], 1))
         self.register_buffer("zero_point", torch.zeros(weight.shape[0], 1))
+        # The range needs only the table: set it now, so no wrapped model has a table
+        # quantizer without one (range init sets it again, the same way).
+        with torch.no_grad():
+            self.init_range(weight)
 
     def init_range(self, weight: Tensor, **search: float) -> None:
         """Each row's min..max (widened to hold 0): no MSE search. The search costs ~2 min on a

@@ -183,7 +183,7 @@ BAD: list[tuple[dict[str, Any], str]] = [
     (_r(seed=-1), "recipe.seed"),
     ({"colour": "red"}, "colour"),
     (_r(colour="red"), "recipe.colour"),
-    (_r(version=2), "recipe.version"),
+    (_r(version=3), "recipe.version"),
     (_r(quant={"range_init_images": 0}), "recipe.quant.range_init_images"),
     (_r(quant={"range_init_images": 5000}), "recipe.quant.range_init_images"),  # > max_images
     (_r(quant={"range_init_prompts": 10**6}), "recipe.quant.range_init_prompts"),
