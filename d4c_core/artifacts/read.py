@@ -166,6 +166,10 @@ def load_quantized(out_dir: Path | str, device: str | torch.device = "cpu") -> L
     )
 
 
+# Bytes per value of the dtypes a coded weight is stored in (codes, scales, zero points).
+_DTYPE_BYTES = {"U8": 1, "F16": 2, "F32": 4}
+
+
 def weight_bytes(out_dir: Path) -> dict[str, int]:
     """Bytes of the coded weights (codes + scales + zero points) vs the same weights in FP32,
     and of the whole model file vs the whole model in FP32.
@@ -183,8 +187,8 @@ def weight_bytes(out_dir: Path) -> dict[str, int]:
             for key in f.keys():  # noqa: SIM118 - safe_open is not iterable
                 t = f.get_slice(key)
                 numel = math.prod(t.get_shape())
-                if key.endswith(QSUFFIXES):
-                    quantized += numel * f.get_tensor(key).element_size()
+                if key.endswith(QSUFFIXES):  # sizes from the header: no tensor is read
+                    quantized += numel * _DTYPE_BYTES[t.get_dtype()]
                 elif "_quant." not in key and t.get_dtype() in ("F16", "BF16", "F32", "F64"):
                     other += numel
     except (SafetensorError, OSError) as e:
