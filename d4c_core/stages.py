@@ -26,9 +26,19 @@ from d4c_core.calibration.sources import list_images, model_device
 from d4c_core.checkpoints import Checkpoints, stage_key, tensor_digest
 from d4c_core.errors import Cancelled
 from d4c_core.evaluate import embedding_cosine_fp_mode, layer_sqnr, zero_shot
+from d4c_core.finite import require_finite
 from d4c_core.models import LoadedModel, ModelSpec
+from d4c_core.quant.capture import BoundaryCapture
 from d4c_core.quant.range_init import init_ranges, init_ranges_from_state, range_state
-from d4c_core.quant.reconstruct import load_unit_state, reconstruct_unit, unit_seed, unit_state
+from d4c_core.quant.reconstruct import (
+    Unit,
+    UnitResult,
+    learn_unit,
+    load_unit_state,
+    unit_mse,
+    unit_seed,
+    unit_state,
+)
 from d4c_core.quant.reconstruct import units as model_units
 from d4c_core.quant.wrap import fp_mode, wrap_for_quantization
 from d4c_core.recipe import Recipe
@@ -180,6 +190,32 @@ def wrap_and_init_ranges(
     return base
 
 
+@dataclass
+class _Pending:
+    """A reconstructed unit waiting for its MSE after (then saved)."""
+
+    unit: Unit
+    name: str
+    key: str
+    state: dict[str, Tensor]
+    inputs: Tensor
+    targets: Tensor
+    before: float
+    seconds: float
+
+    def finish(self, after: float | None, store: Checkpoints, results: list[dict]) -> None:
+        """Save the unit and its result; ``after`` None: measure it on the cached data."""
+        if after is None:
+            after = unit_mse(self.unit.module, self.inputs, self.targets)
+        require_finite(f"in reconstruction unit {self.unit.name}", after)
+        u = self.unit
+        res = UnitResult(u.index, u.name, u.tower, self.before, after, self.seconds)
+        store.save_json(self.name, asdict(res))
+        store.save(self.name, self.state, self.key)
+        results.append(asdict(res))
+        log.info("unit done", extra={"unit": u.name, "mse_init": self.before, "mse_final": after})
+
+
 def reconstruct_units(
     model: nn.Module,
     calib: Calibration,
@@ -199,35 +235,56 @@ def reconstruct_units(
     results: list[dict[str, Any]] = []
     resumed = 0
     key, before = base, ""
-    for unit in todo:
-        prog.at("reconstruction", unit.index / max(1, len(todo)))
-        key = stage_key("unit", key, before, unit.index, unit.name)
-        name = f"units/{unit.index:04d}"
-        state = store.load(name, key)
-        if state is not None:
-            load_unit_state(unit, state)
-            results.append(store.load_json(name) | {"resumed": True})
-            resumed += 1
-        else:
-            t0 = time.perf_counter()
-            res = reconstruct_unit(
-                model,
-                unit,
-                calib.images,
-                calib.tokens,
-                recipe.quant,
-                unit_seed(recipe.seed, unit.index),
-            )
-            res.seconds = time.perf_counter() - t0
-            store.save_json(name, asdict(res))
-            state = unit_state(unit)
-            store.save(name, state, key)
-            results.append(asdict(res))
-            log.info(
-                "unit done",
-                extra={"unit": unit.name, "mse_init": res.mse_init, "mse_final": res.mse_final},
-            )
-        before = tensor_digest(*(state[k] for k in sorted(state)))
+    spill = None if store.root is None else store.root / "capture"
+    data = BoundaryCapture(
+        model,
+        [u.module for u in todo],
+        calib.images,
+        calib.tokens,
+        max(recipe.quant.recon_batch, 64),
+        spill_dir=spill,
+    )
+    # A reconstructed unit is saved once its MSE after is known: the next unit's capture
+    # replays it over the calibration set anyway (``pending`` until then; a cancel saves
+    # it at once, a kill loses it and a resume recomputes it).
+    pending: _Pending | None = None
+
+    try:
+        for unit in todo:
+            prog.at("reconstruction", unit.index / max(1, len(todo)))
+            key = stage_key("unit", key, before, unit.index, unit.name)
+            name = f"units/{unit.index:04d}"
+            state = store.load(name, key)
+            if state is not None:
+                if pending is not None:
+                    pending.finish(None, store, results)
+                    pending = None
+                load_unit_state(unit, state)
+                results.append(store.load_json(name) | {"resumed": True})
+                resumed += 1
+            else:
+                t0 = time.perf_counter()
+                done = None if pending is None else (pending.unit.module, pending.targets)
+                inputs, targets, after = data.data(unit.module, unit.tower, done)
+                if pending is not None:
+                    pending.finish(after, store, results)
+                mse0 = learn_unit(
+                    unit, inputs, targets, recipe.quant, unit_seed(recipe.seed, unit.index)
+                )
+                state = unit_state(unit)
+                pending = _Pending(
+                    unit, name, key, state, inputs, targets, mse0, time.perf_counter() - t0
+                )
+            before = tensor_digest(*(state[k] for k in sorted(state)))
+        if pending is not None:
+            pending.finish(None, store, results)
+            pending = None
+    except Cancelled:
+        if pending is not None:  # a cancelled job keeps every unit it finished
+            pending.finish(None, store, results)
+        raise
+    finally:
+        data.close()
     prog.at("reconstruction", 1.0)
     return results, resumed
 

@@ -125,18 +125,26 @@ class _RoundLoss(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, h: Tensor, b: float) -> Tensor:  # type: ignore[override]
+    def forward(ctx, h: Tensor, bm1: float | Tensor, m2b: float | Tensor) -> Tensor:  # type: ignore[override]
+        # bm1 = b - 1 and m2b = -2 b: a float, or a tensor the caller rounded from the same
+        # double (a CUDA graph reads b from the device); bm1 == 0 (b = 1) is |u|^0 = 1.
         u = torch.mul(h, 2).sub_(1)
         t = u.abs()
-        p = torch.ones_like(t) if b == 1 else torch.log(t).mul_(b - 1).exp_()
-        loss = h.new_tensor(float(h.numel())) - torch.dot(p.reshape(-1), t.reshape(-1))
-        ctx.save_for_backward(p.mul_(u.sign_()).mul_(-2 * b))
+        p = torch.ones_like(t) if _is_zero(bm1) else torch.log(t).mul_(bm1).exp_()
+        # n - dot, without a host-to-device copy of n (not allowed in a CUDA graph).
+        loss = torch.dot(p.reshape(-1), t.reshape(-1)).neg_().add_(float(h.numel()))
+        ctx.save_for_backward(p.mul_(u.sign_()).mul_(m2b))
         return loss
 
     @staticmethod
     def backward(ctx, dloss: Tensor):  # type: ignore[override]
         (grad,) = ctx.saved_tensors
-        return dloss * grad, None
+        return dloss * grad, None, None
+
+
+def _is_zero(v: float | Tensor) -> bool:
+    """A float zero; a tensor never is (b = 1 throughout is decided once, as a float)."""
+    return not isinstance(v, Tensor) and v == 0
 
 
 def lsq_fake_quant(
@@ -206,12 +214,16 @@ class WeightQuantizer(nn.Module):
         """Rectified sigmoid of alpha: the soft rounding offset in [0, 1]."""
         return _RectifiedSigmoid.apply(self.alpha)
 
-    def round_loss(self, b: float) -> Tensor:
-        """AdaRound's regularizer on the h of the SOFT forward just run (one sigmoid per
-        step, one backward through it), or on a fresh h. The forward's h is used once: an
-        optimizer step in between would make it stale (fused Adam does not bump versions)."""
+    def round_loss(self, b: float, exponents: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """AdaRound's regularizer ``sum(1 - |2h - 1|^b)`` on the h of the SOFT forward just run
+        (one sigmoid per step, one backward through it), or on a fresh h. The forward's h is
+        used once: an optimizer step in between would make it stale (fused Adam does not bump
+        versions). ``exponents``: ``(b - 1, -2 b)`` as tensors, read on the device instead of
+        ``b``."""
         h, self._h = (self._h if self._h is not None else self.h()), None
-        return _RoundLoss.apply(h, b)
+        if exponents is None:
+            return _RoundLoss.apply(h, b - 1, -2 * b)
+        return _RoundLoss.apply(h, *exponents)
 
     def int_weight(self, weight: Tensor) -> Tensor:
         """Integer codes of the current decision (hard AdaRound, or nearest)."""

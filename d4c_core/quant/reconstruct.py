@@ -1,17 +1,15 @@
 """Per-unit AdaRound + LSQ reconstruction (spec §4, QDrop machinery with dropping off).
 
 Units in model order: ViT and text towers reconstruct each Linear alone; a ModifiedResNet
-reconstructs each Bottleneck as one block and its attention-pool projections alone. For each
-unit the calibration set runs once through the already-quantized prefix (to cache the unit's
-input) and once through the FP model (to cache its target output); the optimization loop then
-touches only the unit, never the whole model.
+reconstructs each Bottleneck as one block and its attention-pool projections alone. Each unit
+gets its input from the already-quantized prefix and its target from the FP model, both
+cached over the calibration set; the optimization loop then touches only the unit, never the
+whole model. Where that data comes from (block boundaries, linear in depth) is ``capture``'s
+concern.
 """
 
 from __future__ import annotations
 
-import contextlib
-import math
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -20,7 +18,15 @@ from torch import Tensor, nn
 
 from d4c_core.finite import require_finite
 from d4c_core.quant.quantizers import RoundMode
-from d4c_core.quant.wrap import QuantAttentionPool2d, QuantLayer, fp_mode
+from d4c_core.quant.step import (
+    Step,
+    act_lr,
+    cuda_graphs_enabled,
+    make_schedule,
+    run_steps,
+    unit_optimizer,
+)
+from d4c_core.quant.wrap import QuantAttentionPool2d, QuantLayer
 from d4c_core.recipe import QuantRecipe
 
 
@@ -70,40 +76,6 @@ def units(model: nn.Module) -> list[Unit]:
     return out
 
 
-class _Stop(Exception):
-    """Raised by a capture hook: the rest of the forward pass is not needed."""
-
-
-def capture(
-    model: nn.Module,
-    module: nn.Module,
-    feed: Callable[[Tensor], object],
-    data: Tensor,
-    batch: int,
-    output: bool,
-) -> Tensor:
-    """Run ``feed`` over ``data`` in chunks, keeping ``module``'s input (or output) only."""
-    got: list[Tensor] = []
-
-    def pre(_m: nn.Module, args: tuple[Tensor, ...]) -> None:
-        got.append(args[0].detach().clone())
-        raise _Stop
-
-    def post(_m: nn.Module, _a: object, out: Tensor) -> None:
-        got.append(out.detach().clone())
-        raise _Stop
-
-    handle = module.register_forward_hook(post) if output else module.register_forward_pre_hook(pre)
-    try:
-        with torch.no_grad():
-            for chunk in data.split(batch):
-                with contextlib.suppress(_Stop):
-                    feed(chunk)
-    finally:
-        handle.remove()
-    return torch.cat(got)
-
-
 class _SquaredError(torch.autograd.Function):
     """``sum((out - target)^2) / B`` with a one-multiply backward.
 
@@ -145,17 +117,6 @@ def _set_mode(layers: list[QuantLayer], mode: RoundMode) -> None:
         layer.weight_quant.mode = mode
 
 
-def b_schedule(it: int, iters: int, recipe: QuantRecipe) -> float | None:
-    """AdaRound's annealed exponent b, or None during warm-up (no rounding loss yet)."""
-    warm = int(recipe.adaround_warmup * iters)
-    if it < warm:
-        return None
-    t = (it - warm) / max(1, iters - warm)
-    return recipe.adaround_b_end + (recipe.adaround_b_start - recipe.adaround_b_end) * max(
-        0.0, 1 - t
-    )
-
-
 @dataclass
 class UnitResult:
     index: int
@@ -166,25 +127,12 @@ class UnitResult:
     seconds: float = 0.0
 
 
-def unit_optimizer(
-    alphas: list[Tensor], steps: list[Tensor], recipe: QuantRecipe, tower: str
-) -> torch.optim.Adam:
-    """One fused Adam with two groups, rounding variables then input steps (whose lr the
-    loop anneals): the per-iteration update is one kernel call next to the unit's forward
-    and backward."""
-    lr_act = recipe.lr_act_image if tower == "image" else recipe.lr_act_text
-    return torch.optim.Adam(
-        [{"params": alphas, "lr": recipe.lr_alpha}, {"params": steps, "lr": lr_act}],
-        fused=True,
-    )
-
-
 def optimize_unit(
     unit: Unit, inputs: Tensor, targets: Tensor, recipe: QuantRecipe, seed: int
 ) -> None:
     """AdaRound on the unit's weights and LSQ on its input steps (cosine-to-zero lr); ends
-    in hard rounding."""
-    iters = recipe.recon_iters
+    in hard rounding. The iteration is ``step.Step``: the same on a CPU and, replayed as a
+    CUDA graph, on a GPU."""
     wqs = [layer.weight_quant for layer in unit.layers]
     alphas = [wq.alpha for wq in wqs]
     steps = [layer.act_quant.scale for layer in unit.layers]
@@ -193,31 +141,30 @@ def optimize_unit(
     for p in alphas + steps:
         p.requires_grad_(True)
     try:
-        if iters:
+        if recipe.recon_iters:
             opt = unit_optimizer(alphas, steps, recipe, unit.tower)
-            act_group = opt.param_groups[1]
-            lr_act = act_group["lr"]
-            gen = torch.Generator().manual_seed(seed)
-            # Drawn at once on the CPU (the same stream as one draw per iteration), moved once:
-            # no host-to-device copy per iteration on a GPU.
-            batches = torch.randint(0, len(inputs), (iters, recipe.recon_batch), generator=gen).to(
-                inputs.device
+            lr_act = act_lr(recipe, unit.tower)
+            sched = make_schedule(recipe, len(inputs), lr_act, seed, inputs.device)
+
+            def round_loss(exps: tuple[Tensor, Tensor] | None) -> Tensor:
+                # b = 1.0 is read only when b = 1 throughout (then there are no exponents).
+                total = wqs[0].round_loss(1.0, exps)
+                for wq in wqs[1:]:
+                    total = total + wq.round_loss(1.0, exps)
+                return total
+
+            step = Step(
+                unit.module,
+                unit_loss,
+                round_loss,
+                inputs,
+                targets,
+                sched,
+                opt,
+                recipe.adaround_lambda,
             )
             with torch.enable_grad():
-                for it in range(iters):
-                    idx = batches[it]
-                    # index_select: a few times faster than advanced indexing on CPU.
-                    x, y = inputs.index_select(0, idx), targets.index_select(0, idx)
-                    loss = unit_loss(unit.module(x), y)
-                    b = b_schedule(it, iters, recipe)
-                    if b is not None:
-                        reg = sum(wq.round_loss(b) for wq in wqs)
-                        loss = loss + recipe.adaround_lambda * reg
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    opt.step()
-                    # CosineAnnealingLR(T_max=iters, eta_min=0) for the step sizes.
-                    act_group["lr"] = 0.5 * lr_act * (1 + math.cos(math.pi * (it + 1) / iters))
+                run_steps(step, graphed=inputs.is_cuda and cuda_graphs_enabled())
     finally:
         for p in alphas + steps:
             p.requires_grad_(False)
@@ -226,28 +173,24 @@ def optimize_unit(
             wq.end_soft()
 
 
-def unit_data(
-    model: nn.Module, unit: Unit, images: Tensor, tokens: Tensor, batch: int
-) -> tuple[Tensor, Tensor]:
-    """Cached (quantized-prefix input, FP output) of ``unit`` over the calibration set."""
-    feed, data = (
-        (model.encode_image, images) if unit.tower == "image" else (model.encode_text, tokens)
-    )
-    inputs = capture(model, unit.module, feed, data, batch, output=False)
-    with fp_mode(model):
-        targets = capture(model, unit.module, feed, data, batch, output=True)
-    return inputs, targets
-
-
-def reconstruct_unit(
-    model: nn.Module, unit: Unit, images: Tensor, tokens: Tensor, recipe: QuantRecipe, seed: int
-) -> UnitResult:
-    """Reconstruct one unit in place and report its output MSE before and after."""
-    inputs, targets = unit_data(model, unit, images, tokens, max(recipe.recon_batch, 64))
+def learn_unit(
+    unit: Unit, inputs: Tensor, targets: Tensor, recipe: QuantRecipe, seed: int
+) -> float:
+    """Reconstruct one unit in place from its cached data; return its output MSE before
+    (nearest rounding). The MSE after is the caller's to measure: a linear-time capture gets
+    it from the replay that follows."""
     _set_mode(unit.layers, RoundMode.NEAREST)
     before = unit_mse(unit.module, inputs, targets)
     require_finite(f"in reconstruction unit {unit.name} (before)", before)
     optimize_unit(unit, inputs, targets, recipe, seed)
+    return before
+
+
+def reconstruct_unit(
+    unit: Unit, inputs: Tensor, targets: Tensor, recipe: QuantRecipe, seed: int
+) -> UnitResult:
+    """``learn_unit`` and the MSE after, measured on the cached data."""
+    before = learn_unit(unit, inputs, targets, recipe, seed)
     after = unit_mse(unit.module, inputs, targets)
     require_finite(f"in reconstruction unit {unit.name}", after)
     return UnitResult(unit.index, unit.name, unit.tower, before, after)

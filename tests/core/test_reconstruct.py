@@ -10,16 +10,16 @@ import torch
 from open_clip.modified_resnet import Bottleneck
 
 from d4c_core.models import LoadedModel
+from d4c_core.quant.capture import prefix_data
 from d4c_core.quant.quantizers import RoundMode
 from d4c_core.quant.range_init import init_ranges
 from d4c_core.quant.reconstruct import (
-    b_schedule,
     reconstruct_unit,
-    unit_data,
     unit_loss,
     unit_seed,
     units,
 )
+from d4c_core.quant.step import b_schedule
 from d4c_core.quant.wrap import QuantLayer, fp_mode, wrap_for_quantization
 from d4c_core.recipe import QuantRecipe
 
@@ -75,10 +75,10 @@ def test_b_schedule_warmup_then_linear_anneal() -> None:
     assert b_schedule(99, 100, r) == pytest.approx(2 + 18 / 80)
 
 
-def test_unit_data_caches_quantized_input_and_fp_target(tiny: dict[str, LoadedModel]) -> None:
+def test_prefix_data_caches_quantized_input_and_fp_target(tiny: dict[str, LoadedModel]) -> None:
     model, images, tokens, _ = _prepared(tiny["d4c-tiny-vit"])
     unit = units(model)[6]  # block 1 q_proj: its input depends on quantized block 0
-    inputs, targets = unit_data(model, unit, images, tokens, batch=8)
+    inputs, targets = prefix_data(model, unit.module, unit.tower, images, tokens, batch=8)
     seen: dict[str, torch.Tensor] = {}
     h = unit.module.register_forward_pre_hook(lambda _m, a: seen.__setitem__("q", a[0].clone()))
     with torch.no_grad():
@@ -110,12 +110,12 @@ def test_reconstruction_lowers_unit_error(
     us = units(model)
     for k in picks:
         u = us[k]
-        res = reconstruct_unit(model, u, images, tokens, recipe, unit_seed(0, u.index))
+        inputs, targets = prefix_data(model, u.module, u.tower, images, tokens, batch=64)
+        res = reconstruct_unit(u, inputs, targets, recipe, unit_seed(0, u.index))
         assert res.mse_final < res.mse_init, (u.name, res)
         assert all(layer.weight_quant.mode == RoundMode.HARD for layer in u.layers)
         assert not any(p.requires_grad for p in u.module.parameters())
         # Independent recomputation of the reported final error.
-        inputs, targets = unit_data(model, u, images, tokens, batch=64)
         with torch.no_grad():
             direct = unit_loss(u.module(inputs), targets).item()
         assert direct == pytest.approx(res.mse_final, rel=1e-4)
@@ -127,7 +127,8 @@ def test_reconstruction_is_deterministic_under_seed(tiny: dict[str, LoadedModel]
     for _ in range(2):
         model, images, tokens, recipe = _prepared(lm, recon_iters=30)
         u = units(model)[0]
-        reconstruct_unit(model, u, images, tokens, recipe, unit_seed(3, u.index))
+        inputs, targets = prefix_data(model, u.module, u.tower, images, tokens, batch=64)
+        reconstruct_unit(u, inputs, targets, recipe, unit_seed(3, u.index))
         alphas.append(u.layers[0].weight_quant.alpha.clone())
     torch.testing.assert_close(alphas[0], alphas[1], rtol=0, atol=0)
 
