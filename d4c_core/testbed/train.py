@@ -4,7 +4,9 @@
         --out d4c_core/weights/d4c-tiny-vit.safetensors [--seed 0] [--batch 256] [--lr 1e-3]
 
 Every step draws a fresh batch from the world's training stream (infinite data, no epochs),
-so the run is a pure function of (arch, seed, batch, lr, warmup, steps). ``--minutes``
+so the run is a pure function of (arch, seed, batch, lr, warmup, steps): every
+``--checkpoint-every`` steps its state goes to ``<out>.train.safetensors``, and the same
+command started again after a kill continues from there to the same weights. ``--minutes``
 turns a time budget into a step count by timing a few steps on a throwaway copy; the model
 card records the count, so ``--steps N`` reproduces the run step for step. Progress goes
 to stderr as JSON lines; at the end the weights (fp16 by default) and a model card
@@ -39,6 +41,7 @@ from torch import Tensor, nn
 from d4c_core.evaluate import zero_shot
 from d4c_core.models import ModelSpec, create_architecture, load_clip
 from d4c_core.testbed.card import model_card
+from d4c_core.testbed.resume import load_state, run_key, save_state, state_path
 from d4c_core.testbed.tasks import tasks
 from d4c_core.testbed.world import Batch, caption_fits, generate
 
@@ -167,6 +170,7 @@ class TrainConfig:
     eval_every: int = 500
     dtype: str = "fp16"
     threads: int = 2
+    checkpoint_every: int = 250  # steps between resumable states (0: none)
 
 
 def _log(**fields: Any) -> None:
@@ -248,17 +252,23 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     tokens_of = CaptionTokens(tokenizer)
     loss_fn = MaskedClipLoss()
 
-    t0 = time.perf_counter()
-    acc0 = _quick_eval(model, tokenizer)
-    eval_s = time.perf_counter() - t0
-    _log(step=0, zs_object10_top1=acc0, eval_s=round(eval_s, 2))
-
-    total = cfg.steps if cfg.steps is not None else plan_steps(cfg, model, tokens_of, eval_s)
-    warmup = max(1, min(cfg.warmup, total // 4))
-    _log(step=0, planned_steps=total, warmup=warmup)
+    settings, state_file = asdict(cfg), state_path(cfg.out)
+    got = load_state(state_file, model, opt, settings, cfg.steps) if cfg.checkpoint_every else None
+    if got is not None:
+        total, warmup, first, acc0 = got.total, got.warmup, got.step, float("nan")
+        _log(resumed_at=first, planned_steps=total, state=str(state_file))
+    else:
+        t0 = time.perf_counter()
+        acc0 = _quick_eval(model, tokenizer)
+        eval_s = time.perf_counter() - t0
+        _log(step=0, zs_object10_top1=acc0, eval_s=round(eval_s, 2))
+        total = cfg.steps if cfg.steps is not None else plan_steps(cfg, model, tokens_of, eval_s)
+        warmup, first = max(1, min(cfg.warmup, total // 4)), 0
+        _log(step=0, planned_steps=total, warmup=warmup)
+    key = run_key(settings, total)
     start = time.perf_counter()
     window = _Window(start)
-    step, loss, last_acc = 0, float("nan"), acc0
+    step, loss, last_acc = first, float("nan"), acc0
     while step < total:
         for group in opt.param_groups:
             group["lr"] = lr_at(step, total, warmup, cfg.lr)
@@ -269,6 +279,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         window.loss += loss
         if not math.isfinite(loss):
             raise RuntimeError(f"loss became {loss} at step {step}")
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < total:
+            save_state(state_file, model, opt, step, total, warmup, key)
         do_eval = step % cfg.eval_every == 0 or step == total
         if do_eval or step % cfg.log_every == 0:
             lr = lr_at(step - 1, total, warmup, cfg.lr)
@@ -281,12 +293,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     wall = time.perf_counter() - start
     return {
         "model": model,
+        "resumed_at": first,
         "steps": step,
         "warmup": warmup,
         "wall_s": wall,
         "final_loss": loss,
         "quick_top1": last_acc,
-        "img_per_s": step * cfg.batch / wall,
+        "img_per_s": (step - first) * cfg.batch / wall,
     }
 
 
@@ -331,6 +344,13 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
     p.add_argument("--eval-every", type=int, default=500)
     p.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=250,
+        help="steps between resumable states in OUT.train.safetensors (0: none); a run "
+        "started again with the same settings continues from the last one",
+    )
     a = p.parse_args(argv)
     if a.steps is not None and a.steps <= 0:
         p.error("--steps must be > 0")
@@ -350,6 +370,7 @@ def parse_args(argv: Sequence[str] | None = None) -> TrainConfig:
         eval_every=a.eval_every,
         dtype=a.dtype,
         threads=a.threads,
+        checkpoint_every=a.checkpoint_every,
     )
 
 
@@ -380,6 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _log(final=results, eval_s=round(time.perf_counter() - t0, 1))
     card = cfg.out.with_suffix(".md")
     card.write_text(model_card(cfg, summary, results, command), encoding="utf-8")
+    state_path(cfg.out).unlink(missing_ok=True)  # the run is complete: nothing to resume
     _log(
         weights=str(cfg.out),
         card=str(card),
