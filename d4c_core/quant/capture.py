@@ -8,24 +8,30 @@ transformer residual blocks) whose output is the next block's input, so the quan
 FP activations entering the current block are kept and advanced one block at a time:
 
 - a unit's input: a replay of its own block from the kept quantized boundary, stopped at the
-  unit (earlier units of the block are final by then);
+  unit (earlier units of the block are final by then, and replay their recorded outputs
+  instead of recomputing them: what runs is the block's glue — norms, attention, residuals);
 - its target: one FP pass over the block per block, which keeps every unit's output and the
   next FP boundary;
-- leaving a block: the finished quantized block runs once over its boundary.
+- leaving a block: the finished quantized block runs once over its boundary (its units from
+  their recorded outputs).
 
 Units outside a chain (none in the supported towers) and the first block after a resume fall
 back to the prefix capture, which is also the reference the tests compare against.
 
-Memory: two boundaries (quantized, FP) plus the current block's unit targets. A boundary pair
-larger than ``budget_bytes`` is spilled to safetensors files in ``spill_dir`` (exact; read
-back chunk by chunk), so a real-size calibration set never needs more than one block's data.
+The unit reconstructed last runs for real in the next replay (or in leaving the block): its
+error there is its MSE after reconstruction, and its outputs are recorded for later replays.
+
+Memory: two boundaries (quantized, FP), the current block's unit targets and its finished
+units' outputs. A boundary pair larger than ``budget_bytes`` is spilled to safetensors files
+in ``spill_dir`` (exact; read back chunk by chunk), so a real-size calibration set never
+needs more than one block's data.
 """
 
 from __future__ import annotations
 
 import contextlib
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -192,6 +198,9 @@ class BoundaryCapture:
         self._q: Boundary | None = None
         self._fp_next: Boundary | None = None
         self._targets: dict[int, Tensor] = {}
+        # Finished units of the current block and their final outputs per chunk: replays
+        # read them instead of recomputing the unit (what is left to run is the block's glue).
+        self._done: dict[int, tuple[nn.Module, list[Tensor]]] = {}
         self.spilled = 0  # boundaries written to disk, for tests and logs
 
     def data(
@@ -201,7 +210,10 @@ class BoundaryCapture:
         ``finished`` — the unit reconstructed just before, with its targets — whose final
         outputs the replay computes anyway (None where it did not run exactly once over the
         set: the caller measures it)."""
-        meter = _ErrorMeter(*finished) if finished is not None else None
+        meter = None
+        if finished is not None:
+            keep = not any(finished[0] is b for b in self._chains[tower])
+            meter = _ErrorMeter(*finished, keep=keep)
         try:
             where = self._owner.get(id(module))
             if where is None or where[0] != tower:
@@ -213,12 +225,17 @@ class BoundaryCapture:
                 if where != self._at:
                     self._enter(*where)
                 assert self._q is not None
-                inputs = _stop_at(self._chains[tower][where[1]], module, self._q)
+                with _replaying(self._done.values()):
+                    inputs = _stop_at(self._chains[tower][where[1]], module, self._q)
                 targets = self._targets.pop(id(module))
         finally:
             if meter is not None:
                 meter.remove()
-        return inputs, targets, None if meter is None else meter.mse()
+        mse = None if meter is None else meter.mse()
+        reusable = meter is not None and mse is not None and meter.outs is not None
+        if reusable and self._owner.get(id(meter.module)) == self._at:  # still this block
+            self._done[id(meter.module)] = (meter.module, meter.outs)
+        return inputs, targets, mse
 
     def _enter(self, tower: str, k: int) -> None:
         """Hold block ``k``'s boundaries: advanced from the block before, or captured afresh."""
@@ -227,7 +244,9 @@ class BoundaryCapture:
             assert self._q is not None and self._fp_next is not None
             q, fp = self._q, self._fp_next
             for j in range(self._at[1], k):
-                q_next = _advance(blocks[j], q)
+                with _replaying(self._done.values()):
+                    q_next = _advance(blocks[j], q)
+                self._done = {}
                 q.drop()
                 q = q_next
             for j in range(self._at[1] + 1, k):  # FP: blocks without units, if any
@@ -309,18 +328,35 @@ class BoundaryCapture:
         for b in (self._q, self._fp_next):
             if b is not None:
                 b.drop()
-        self._at, self._q, self._fp_next, self._targets = None, None, None, {}
+        self._at, self._q, self._fp_next, self._targets, self._done = None, None, None, {}, {}
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None
+
+
+@contextlib.contextmanager
+def _replaying(done: Iterable[tuple[nn.Module, list[Tensor]]]) -> Iterator[None]:
+    """Each finished unit returns its recorded output for the chunk instead of computing it
+    (the same tensor its forward gives: same inputs, same final state)."""
+    patched = []
+    for mod, outs in done:
+        it = iter(outs)
+        mod.forward = lambda *_a, _it=it, **_k: next(_it)  # type: ignore[method-assign]
+        patched.append(mod)
+    try:
+        yield
+    finally:
+        for mod in patched:
+            del mod.forward
 
 
 class _ErrorMeter:
     """Sum of squared errors of ``module``'s outputs against ``targets``, chunk by chunk, as
     replays run it; valid only if it ran exactly once over the set, in order."""
 
-    def __init__(self, module: nn.Module, targets: Tensor) -> None:
-        self.targets, self.seen, self.total = targets, 0, 0.0
+    def __init__(self, module: nn.Module, targets: Tensor, keep: bool) -> None:
+        self.module, self.targets, self.seen, self.total = module, targets, 0, 0.0
+        self.outs: list[Tensor] | None = [] if keep else None  # the outputs, per chunk
         self.handle = module.register_forward_hook(self._post)
 
     def _post(self, _m: nn.Module, _a: object, out: Tensor) -> None:
@@ -328,6 +364,8 @@ class _ErrorMeter:
         if self.seen + n <= len(self.targets):
             d = (out - self.targets[self.seen : self.seen + n]).reshape(-1)
             self.total += torch.dot(d, d).item()
+            if self.outs is not None:
+                self.outs.append(out.detach().clone())
         self.seen += n
 
     def remove(self) -> None:
