@@ -104,12 +104,19 @@ def capture(
     return torch.cat(got)
 
 
+def _tower_input(
+    model: nn.Module, tower: str, images: Tensor, tokens: Tensor
+) -> tuple[Callable[[Tensor], object], Tensor]:
+    """The tower's encoder and the calibration inputs it runs on."""
+    return (model.encode_image, images) if tower == "image" else (model.encode_text, tokens)
+
+
 def prefix_data(
     model: nn.Module, module: nn.Module, tower: str, images: Tensor, tokens: Tensor, batch: int
 ) -> tuple[Tensor, Tensor]:
     """(quantized-prefix input, FP output) of ``module`` by running the tower from its input:
     one pass each, whatever the depth. The reference for the boundary capture."""
-    feed, data = (model.encode_image, images) if tower == "image" else (model.encode_text, tokens)
+    feed, data = _tower_input(model, tower, images, tokens)
     inputs = capture(model, module, feed, data, batch, output=False)
     with fp_mode(model):
         targets = capture(model, module, feed, data, batch, output=True)
@@ -264,11 +271,7 @@ class BoundaryCapture:
         self._spill_if_over()
 
     def _prefix_boundaries(self, tower: str, block: nn.Module) -> tuple[Boundary, Boundary]:
-        feed, data = (
-            (self.model.encode_image, self.images)
-            if tower == "image"
-            else (self.model.encode_text, self.tokens)
-        )
+        feed, data = _tower_input(self.model, tower, self.images, self.tokens)
         out = []
         for fp in (False, True):
             calls: list[Call] = []
