@@ -35,13 +35,13 @@ from typing import Any
 import open_clip
 import torch
 from open_clip.loss import ClipLoss
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from d4c_core.evaluate import zero_shot
-from d4c_core.models import ModelSpec, create_architecture, load_clip
+from d4c_core.models import create_architecture
 from d4c_core.testbed.card import model_card
 from d4c_core.testbed.resume import load_state, run_key, save_state, state_path
+from d4c_core.testbed.shipped import evaluate_file, save_weights
 from d4c_core.testbed.tasks import tasks
 from d4c_core.testbed.world import Batch, caption_fits, generate
 
@@ -300,29 +300,6 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         "final_loss": loss,
         "quick_top1": last_acc,
         "img_per_s": (step - first) * cfg.batch / wall,
-    }
-
-
-def save_weights(model: nn.Module, path: Path, dtype: str, meta: dict[str, str]) -> None:
-    """Safetensors of the state dict; float tensors as ``dtype`` (load casts back to fp32)."""
-    cast = {"fp16": torch.float16, "fp32": torch.float32}[dtype]
-    state = {
-        k: (v.detach().to(cast) if v.is_floating_point() else v.detach()).contiguous().clone()
-        for k, v in model.state_dict().items()
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # One key: safetensors writes a multi-key metadata map in random order (bytes would vary).
-    save_file(state, str(path), metadata={"d4c_testbed": json.dumps(meta, sort_keys=True)})
-
-
-def evaluate_file(arch: str, path: Path) -> dict[str, dict[str, Any]]:
-    """Zero-shot top-1/top-5 of the saved file on every task's full test split."""
-    loaded = load_clip(ModelSpec(arch, checkpoint=path))
-    return {
-        name: zero_shot(
-            loaded.model, loaded.tokenizer, task.classnames, task.templates, task.split("test")
-        )
-        for name, task in tasks().items()
     }
 
 

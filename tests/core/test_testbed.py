@@ -14,6 +14,7 @@ from open_clip.loss import ClipLoss
 from d4c_core.models import ModelSpec, create_architecture, load_clip
 from d4c_core.testbed.render import BACKGROUNDS, COLOR_NAMES, SIZES
 from d4c_core.testbed.shapes import KINDS, atlas
+from d4c_core.testbed.shipped import save_weights
 from d4c_core.testbed.tasks import (
     EVAL_COLORS,
     GENERIC_TEMPLATE,
@@ -28,7 +29,6 @@ from d4c_core.testbed.train import (
     lr_at,
     param_groups,
     parse_args,
-    save_weights,
     train_batch,
     train_step,
 )
